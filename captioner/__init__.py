@@ -1,0 +1,13 @@
+"""Where did the captioner look? Caption an image with a ViT + GPT-2 model and map every word.
+
+    import captioner
+    cap = captioner.load()                       # the default model for this machine
+    res = cap.caption(image)                     # res.text, res.words, res.word_maps, res.cls_map
+    res = cap.explain(image, "a dog on a bed")   # the same for a caption you give
+"""
+from .decoding import GenerationSettings
+from .loading import BUNDLED_MODEL, HUB_MODEL, available_models, default_model, load
+from .pipeline import METHODS, CaptionResult, Captioner
+
+__all__ = ["load", "available_models", "default_model", "Captioner", "CaptionResult", "GenerationSettings", "METHODS",
+           "BUNDLED_MODEL", "HUB_MODEL"]

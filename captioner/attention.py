@@ -1,0 +1,108 @@
+"""Attention maps from one teacher-forced pass: per-token cross-attention maps and the ViT CLS map.
+
+Why one forced pass over the final tokens instead of the attentions `generate` returns: with beam search each
+step's attentions belong to whichever beams were alive then, not to the caption that won. Re-running the
+decoder over the winning tokens gives, for every decoding mode, exactly the attention that produced them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def normalise(maps: np.ndarray) -> np.ndarray:
+    """Scale each map (..., gh, gw) to [0, 1] independently; a constant map becomes all zeros."""
+    flat = maps.reshape(*maps.shape[:-2], maps.shape[-2] * maps.shape[-1])  # (..., gh*gw), also for 0 maps
+    lo, hi = flat.min(-1, keepdims=True), flat.max(-1, keepdims=True)
+    out = (flat - lo) / np.where(hi > lo, hi - lo, 1.0)
+    return out.reshape(maps.shape).astype(np.float32)
+
+
+def _select(stacked: torch.Tensor, layers: list[int] | None, head: int | None) -> torch.Tensor:
+    """(L, H, ...) -> (...): mean over the chosen layers, then one head or the mean of all."""
+    L, H = stacked.shape[:2]
+    chosen = list(range(L)) if layers is None else layers
+    if not chosen or any(not -L <= i < L for i in chosen):
+        raise ValueError(f"layers must be indices in 0..{L - 1}, got {layers}.")
+    if head is not None and not 0 <= head < H:
+        raise ValueError(f"head must be in 0..{H - 1} (or None for the mean of all heads), got {head}.")
+    picked = stacked[chosen].mean(0)  # (H, ...)
+    return picked.mean(0) if head is None else picked[head]
+
+
+def cross_rows(cross_attentions: tuple[torch.Tensor, ...], layers=None, head=None) -> torch.Tensor:
+    """Each caption token's cross-attention row over all encoder tokens, (T, N), CLS key included.
+
+    cross_attentions: L tensors (1, H, T, N) from a forced pass over [start] + T caption tokens. Query row j-1
+    is the decoder state that predicted token j (row 0 sits on the start token and produces the first word),
+    so in 0-based caption positions, row k belongs to token k.
+    """
+    return _select(torch.stack([a[0] for a in cross_attentions]).float(), layers, head)  # (T, N)
+
+
+def rollout(encoder_attentions: tuple[torch.Tensor, ...], head=None) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema 2020) through the encoder, (N, N): row i says how much of encoder
+    token i's final state came from each input patch.
+
+    Each layer's attention (mean over heads, or one head) gets the residual added, 0.5 A + 0.5 I, rows
+    renormalised, and the layers are multiplied from the first to the last.
+    """
+    stacked = torch.stack([a[0] for a in encoder_attentions]).float()  # (L, H, N, N)
+    eye = torch.eye(stacked.shape[-1])
+    joint = eye
+    for layer in range(stacked.shape[0]):
+        a = _select(stacked, [layer], head)  # (N, N)
+        a = 0.5 * a + 0.5 * eye
+        joint = (a / a.sum(-1, keepdim=True)) @ joint
+    return joint
+
+
+def patch_maps(rows: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+    """(..., N) rows over encoder tokens -> (..., gh, gw) maps. The CLS key is dropped: it summarises the
+    whole image and has no place on the grid."""
+    gh, gw = grid
+    assert rows.shape[-1] - 1 == gh * gw, f"{rows.shape[-1] - 1} patch keys do not fill a {gh}x{gw} grid"
+    return rows[..., 1:].reshape(*rows.shape[:-1], gh, gw).detach().cpu().numpy().astype(np.float32)
+
+
+def token_maps(cross_attentions: tuple[torch.Tensor, ...], grid: tuple[int, int], layers=None,
+               head=None) -> np.ndarray:
+    """Raw cross-attention map of each caption token, (T, gh, gw)."""
+    return patch_maps(cross_rows(cross_attentions, layers, head), grid)
+
+
+def cls_map(encoder_attentions: tuple[torch.Tensor, ...], grid: tuple[int, int], layers=None,
+            head=None) -> np.ndarray:
+    """Where the ViT's CLS token looks, (gh, gw) in [0, 1]: last layer by default, mean over heads, patch keys."""
+    stacked = torch.stack([a[0] for a in encoder_attentions]).float()  # (L, H, N, N)
+    row = _select(stacked, [-1] if layers is None else layers, head)[0]  # (N,): the CLS query
+    return normalise(patch_maps(row, grid))
+
+
+def word_maps(maps: np.ndarray, groups: list[list[int]]) -> np.ndarray:
+    """(T, gh, gw) token maps -> (W, gh, gw) word maps in [0, 1]: a word's map is the mean of its tokens' maps,
+    so a word spelt by three subwords weighs each equally."""
+    gh, gw = maps.shape[1:]
+    out = np.zeros((len(groups), gh, gw), np.float32)
+    for w, tokens in enumerate(groups):
+        if tokens:
+            out[w] = maps[tokens].mean(0)
+    return normalise(out)
+
+
+def parse_layers(spec: str | None) -> list[int] | None:
+    """A person's layer choice -> indices: "all"/"" -> None (the default), "-1" -> [-1], "0-3" -> [0, 1, 2, 3],
+    "1,4" -> [1, 4]. Raises ValueError with an example on anything else."""
+    spec = (spec or "").strip().lower()
+    if spec in ("", "all", "mean"):
+        return None
+    layers: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, sep, hi = part.strip().partition("-") if not part.strip().startswith("-") else (part.strip(), "", "")
+            layers += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    except ValueError:
+        raise ValueError(f"layers must look like 'all', '-1', '0-3' or '1,4'; got {spec!r}.") from None
+    if not layers:
+        raise ValueError(f"layers {spec!r} selects no layer; use e.g. '0-3'.")
+    return layers

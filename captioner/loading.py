@@ -1,0 +1,93 @@
+"""Finding and loading a captioner: a local folder, a hub id, or the default for this machine.
+
+Default: `$CAPTIONER_MODEL` if set; else the hub model when it is cached or the hub answers (as on Spaces);
+else the small scene captioner bundled in `assets/model`, so the demo runs with no internet at all.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from .pipeline import Captioner
+
+HUB_MODEL = "nlpconnect/vit-gpt2-image-captioning"
+BUNDLED_MODEL = str(Path(__file__).resolve().parent.parent / "assets" / "model")
+_EAGER = {"encoder": "eager", "decoder": "eager"}  # SDPA returns no attention weights in transformers 5
+
+
+def _cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def available_models() -> list[str]:
+    """Models that can be loaded here right now, the default first."""
+    models = []
+    env = os.environ.get("CAPTIONER_MODEL")
+    if env:
+        models.append(env)
+    if HUB_MODEL not in models and (_cached(HUB_MODEL) or _hub_reachable()):
+        models.append(HUB_MODEL)
+    if Path(BUNDLED_MODEL, "config.json").exists() and BUNDLED_MODEL not in models:
+        models.append(BUNDLED_MODEL)
+    return models
+
+
+def default_model() -> str:
+    models = available_models()
+    if not models:
+        raise RuntimeError(f"No captioner available: the hub is unreachable, {HUB_MODEL} is not cached, and the "
+                           f"bundled model is missing from {BUNDLED_MODEL}. Restore assets/model (git checkout "
+                           "assets) or set CAPTIONER_MODEL to a local model folder.")
+    return models[0]
+
+
+def load(name_or_path: str | None = None, device: str | None = None, int8: bool = False) -> Captioner:
+    """Load a VisionEncoderDecoderModel with its tokenizer and image processor, ready to caption and explain.
+
+    name_or_path: a local folder or a hub id; None picks `default_model()`. device: "cuda" or "cpu" (default:
+    CUDA with fp16 when present). int8=True (CPU only) quantises every Linear layer to int8 (`quantize.int8`):
+    faster decoding, words mostly the same as fp32's. Fails at once, with what to do, when a hub model is
+    neither cached nor downloadable.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+
+    name = name_or_path or default_model()
+    local = Path(name).is_dir()
+    if not local and not (_cached(name) or _hub_reachable()):
+        raise RuntimeError(f"Cannot load {name!r}: it is not a local folder, not in the Hugging Face cache, and "
+                           "the hub is unreachable. Call captioner.load() with no argument for the bundled "
+                           f"offline model, or pass a local folder (e.g. {BUNDLED_MODEL}).")
+    kwargs = {} if local or _hub_reachable() else {"local_files_only": True}
+    device = device or ("cpu" if int8 else "cuda" if torch.cuda.is_available() else "cpu")
+    if int8 and device != "cpu":
+        raise ValueError(f"int8 quantisation runs on the CPU only; load with device='cpu', not {device!r}.")
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        model = VisionEncoderDecoderModel.from_pretrained(name, attn_implementation=_EAGER, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        processor = AutoImageProcessor.from_pretrained(name, **kwargs)
+    except OSError as e:
+        raise RuntimeError(f"Cannot load {name!r} as an image captioner ({e}). It must be a "
+                           "VisionEncoderDecoderModel folder or hub id with its tokenizer and image "
+                           "processor.") from None
+    model = model.to(device)
+    if int8:
+        from .quantize import int8 as quantize_int8
+        model = quantize_int8(model)
+    bundled = local and Path(name).resolve() == Path(BUNDLED_MODEL)
+    name = "bundled scene captioner" if bundled else Path(name).name if local else name  # no server paths
+    return Captioner(model, tokenizer, processor, name=f"{name} (int8)" if int8 else name)

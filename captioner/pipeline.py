@@ -1,0 +1,238 @@
+"""The `Captioner`: caption an image (or take a caption a person typed) and explain every word with a map."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+from transformers.modeling_outputs import BaseModelOutput
+
+from . import attention
+from .architecture import grid_shape
+from .decoding import GenerationSettings, generate_batch, generate_ids
+from .images import to_rgb
+from .relevance import relevance_rows
+from .words import group_generated, group_typed
+
+METHODS = ("attention", "rollout", "relevance")
+MAX_CAPTION_CHARS = 500  # typed captions; longer ones are refused before tokenising
+
+
+@dataclass
+class CaptionResult:
+    text: str  # the caption
+    words: list[str]  # == text.split(); subword tokens grouped into words
+    word_maps: np.ndarray  # (len(words), gh, gw) float32 in [0, 1]: where the decoder looked for each word
+    cls_map: np.ndarray  # (gh, gw) float32 in [0, 1]: where the ViT's CLS token looked (last layer)
+    word_probs: list[float]  # probability of each word under the model (product of its tokens' probabilities)
+    token_ids: list[int]  # caption tokens, no start or EOS token
+    tokens: list[str]  # their strings
+    word_tokens: list[list[int]]  # indices into token_ids spelling each word
+    token_maps: np.ndarray  # (len(token_ids), gh, gw) float32, raw per-token maps (relevance: for the caption)
+    image_size: tuple[int, int]  # (H, W) of the image the maps cover
+    model: str  # which model produced this
+    settings: dict | None = None  # generation settings used (None for a typed caption)
+    notes: list[str] = field(default_factory=list)  # anything a person should know (e.g. unknown words)
+    seconds: dict = field(default_factory=dict)  # timings: encode, generate, maps
+    method: str = "attention"  # how the maps were made: attention | rollout | relevance
+    layers: list[int] | None = None  # layers averaged (None: the method's default)
+    head: int | None = None  # head shown (None: mean over heads)
+    image: np.ndarray | None = field(default=None, repr=False)  # (H, W, 3) uint8 RGB the maps cover
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.cls_map.shape)
+
+    def to_json(self) -> dict:
+        """Plain JSON types (maps as nested lists), as the API returns it."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "image"}  # no image copy
+        for key in ("word_maps", "cls_map", "token_maps"):
+            out[key] = np.round(out[key], 4).tolist()
+        out["caption"] = out["text"]
+        out["grid"] = list(self.grid)
+        return out
+
+
+class Captioner:
+    """A VisionEncoderDecoderModel with its tokenizer and image processor, loaded with eager attention so that
+    attention weights exist (transformers 5's SDPA path returns none)."""
+
+    def __init__(self, model, tokenizer, processor, name: str):
+        self.model, self.tokenizer, self.processor, self.name = model.eval(), tokenizer, processor, name
+        self.device = next(model.parameters()).device
+        self.grid = grid_shape(model.config)  # (gh, gw)
+        self.max_tokens = model.config.decoder.n_positions if hasattr(model.config.decoder, "n_positions") \
+            else model.config.decoder.max_position_embeddings
+        self.eos_token_id = model.generation_config.eos_token_id
+        if isinstance(self.eos_token_id, list):
+            self.eos_token_id = self.eos_token_id[0]
+        self.start_token_id = model.config.decoder_start_token_id
+        self.default_max_new_tokens = model.generation_config.max_new_tokens or 16
+        self.fast_decoding = True  # greedy and beam search by `fastdecode` (generate's tokens, faster); False: generate
+
+    def __repr__(self) -> str:
+        return f"Captioner({self.name!r}, device={self.device}, grid={self.grid})"
+
+    def pixel_values(self, image) -> torch.Tensor:
+        """Any image the API accepts -> the model's input (1, 3, h, w) on its device and dtype."""
+        pixel_values = self.processor(images=to_rgb(image), return_tensors="pt")["pixel_values"]  # (1, 3, h, w)
+        return pixel_values.to(self.device, self.model.dtype)
+
+    def tokenize(self, text: str) -> tuple[list[int], list[list[int]]]:
+        """A caption a person typed -> (token ids, token indices of each word of text.split()), validated."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("Type a caption to explain, e.g. 'a red circle left of a blue square'.")
+        if len(text) > MAX_CAPTION_CHARS:
+            raise ValueError(f"The caption has {len(text)} characters; the limit is {MAX_CAPTION_CHARS}.")
+        ids, _, groups = group_typed(self.tokenizer, " ".join(text.split()))
+        if len(ids) > self.max_tokens - 1:
+            raise ValueError(f"The caption is {len(ids)} tokens long; this model reads at most "
+                             f"{self.max_tokens - 1}. Shorten it.")
+        return ids, groups
+
+    @torch.no_grad()
+    def _encode(self, image):
+        """-> (rgb (H, W, 3) uint8, pixel_values (1, 3, h, w), encoder output with attentions)."""
+        rgb = to_rgb(image)
+        pixel_values = self.pixel_values(rgb)
+        return rgb, pixel_values, self.model.encoder(pixel_values=pixel_values, output_attentions=True)
+
+    @torch.no_grad()
+    def _maps(self, pixel_values, enc, ids: list[int], groups: list[list[int]], method: str, layers, head):
+        """Maps by `method` for caption tokens `ids`: (word maps (W, gh, gw) in [0, 1], raw token maps
+        (T, gh, gw), CLS map (gh, gw) in [0, 1], token probabilities (T,))."""
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
+        gh, gw = self.grid
+        if not ids:
+            empty = np.zeros((0, gh, gw), np.float32)
+            return empty, empty, attention.cls_map(enc.attentions, self.grid, layers, head), np.zeros(0)
+        decoder_input_ids = torch.tensor([[self.start_token_id, *ids]], device=self.device)  # (1, T+1)
+        out = self.model(encoder_outputs=(enc.last_hidden_state,), decoder_input_ids=decoder_input_ids,
+                         output_attentions=True)
+        logp = out.logits[0, :-1].float().log_softmax(-1)  # (T, V): row k predicts caption token k
+        probs = logp.gather(1, decoder_input_ids[0, 1:, None])[:, 0].exp().cpu().numpy()  # (T,)
+        rows = attention.cross_rows(out.cross_attentions, layers, head)[: len(ids)]  # (T, N); the EOS row is unused
+        if method == "attention":
+            tokens = attention.patch_maps(rows, self.grid)  # (T, gh, gw)
+            return (attention.word_maps(tokens, groups), tokens,
+                    attention.cls_map(enc.attentions, self.grid, layers, head), probs)
+        if method == "rollout":  # push each word's cross-attention back through the encoder's patch mixing
+            joint = attention.rollout(enc.attentions, head)  # (N, N)
+            tokens = attention.patch_maps(rows @ joint, self.grid)  # (T, gh, gw)
+            return (attention.word_maps(tokens, groups), tokens,
+                    attention.normalise(attention.patch_maps(joint[0], self.grid)), probs)
+        # relevance: one target per word, plus the whole caption (its encoder relevance gives the CLS map)
+        targets = torch.zeros(len(groups) + 1, len(ids))  # (W+1, T)
+        for w, g in enumerate(groups):
+            targets[w, g] = 1
+        targets[-1] = 1
+        r_ti, r_ii = relevance_rows(self.model, pixel_values, decoder_input_ids, targets)
+        words = torch.stack([r_ti[w, g].sum(0) if g else torch.zeros(r_ti.shape[-1])
+                             for w, g in enumerate(groups)]) if groups else r_ti[:0, 0]  # (W, N)
+        return (attention.normalise(attention.patch_maps(words, self.grid)),
+                attention.patch_maps(r_ti[-1, :len(ids)], self.grid),
+                attention.normalise(attention.patch_maps(r_ii[-1, 0], self.grid)), probs)
+
+    def _result(self, rgb, pixel_values, enc, ids, words, groups, settings, notes, seconds, method="attention",
+                layers=None, head=None) -> CaptionResult:
+        t = time.perf_counter()
+        word_maps, token_maps, cls, probs = self._maps(pixel_values, enc, ids, groups, method, layers, head)
+        seconds["maps"] = time.perf_counter() - t
+        return CaptionResult(
+            text=" ".join(words), words=words, word_maps=word_maps, cls_map=cls,
+            word_probs=[float(np.prod(probs[g])) if g else 0.0 for g in groups], token_ids=list(ids),
+            tokens=self.tokenizer.convert_ids_to_tokens(list(ids)), word_tokens=groups, token_maps=token_maps,
+            image_size=tuple(rgb.shape[:2]), model=self.name, settings=settings, notes=notes, seconds=seconds,
+            method=method, layers=layers, head=head, image=rgb)
+
+    def remap(self, res: CaptionResult, method: str = "attention", layers: list[int] | None = None,
+              head: int | None = None) -> CaptionResult:
+        """The same caption with its maps recomputed by another method/layers/head: no new generation."""
+        if res.image is None:
+            raise ValueError("This result carries no image; caption or explain the image again.")
+        t = time.perf_counter()
+        rgb, pixel_values, enc = self._encode(res.image)
+        return self._result(rgb, pixel_values, enc, res.token_ids, res.words, res.word_tokens, res.settings,
+                            res.notes, {"encode": time.perf_counter() - t}, method, layers, head)
+
+    def caption(self, image, max_new_tokens: int | None = None, num_beams: int = 4, do_sample: bool = False,
+                temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, seed: int | None = None,
+                method: str = "attention", layers: list[int] | None = None, head: int | None = None
+                ) -> CaptionResult:
+        """Caption `image` (PIL or (H, W, 3) uint8) and map every word; any decoding mode, beam search included.
+
+        method: "attention" (raw cross-attention; CLS self-attention of the last layer), "rollout" (pushed
+        through the encoder's rolled-out self-attention) or "relevance" (Chefer et al.'s gradient-weighted
+        relevance; needs a backward pass). layers: decoder layers to average for word maps and encoder layers
+        for the CLS map (None: all decoder layers, the last encoder layer); head: one head or None for the mean.
+        max_new_tokens=None uses the model's own default (`default_max_new_tokens`: 16 unless its generation
+        config says otherwise; the bundled scene model says 24, as its longest captions have 17 words).
+        """
+        settings = self._settings(max_new_tokens, num_beams, do_sample, temperature, top_k, top_p, seed)
+        seconds = {}
+        t = time.perf_counter()
+        rgb, pixel_values, enc = self._encode(image)
+        seconds["encode"] = time.perf_counter() - t
+        t = time.perf_counter()
+        ids = generate_ids(self.model, enc.last_hidden_state, settings, self.eos_token_id, self.fast_decoding)
+        seconds["generate"] = time.perf_counter() - t
+        text, words, groups = group_generated(self.tokenizer, ids)
+        notes = [] if words else ["The model produced an empty caption; try beams or sampling."]
+        return self._result(rgb, pixel_values, enc, ids, words, groups, asdict(settings), notes, seconds, method,
+                            layers, head)
+
+    @torch.no_grad()
+    def caption_batch(self, images: list, max_new_tokens: int | None = None, num_beams: int = 4,
+                      method: str = "attention", layers: list[int] | None = None, head: int | None = None
+                      ) -> list[CaptionResult]:
+        """`caption` for several images at once (greedy or beam search): one encoder pass and one decoding for
+        the batch, then each image's maps from its own forced pass. Batched matrix products round differently
+        from single ones, so a near-tie may now and then resolve to another word than `caption` picks."""
+        settings = self._settings(max_new_tokens, num_beams)
+        if not images:
+            return []
+        t = time.perf_counter()
+        rgbs = [to_rgb(image) for image in images]
+        pixel_values = self.processor(images=rgbs, return_tensors="pt")["pixel_values"]  # (B, 3, h, w)
+        pixel_values = pixel_values.to(self.device, self.model.dtype)
+        enc = self.model.encoder(pixel_values=pixel_values, output_attentions=True)
+        encode = (time.perf_counter() - t) / len(rgbs)
+        t = time.perf_counter()
+        batch_ids = generate_batch(self.model, enc.last_hidden_state, settings, self.eos_token_id,
+                                   self.fast_decoding)
+        generate = (time.perf_counter() - t) / len(rgbs)
+        results = []
+        for i, (rgb, ids) in enumerate(zip(rgbs, batch_ids)):
+            one = BaseModelOutput(last_hidden_state=enc.last_hidden_state[i:i + 1],
+                                  attentions=tuple(a[i:i + 1] for a in enc.attentions))  # image i's (1, ...)
+            text, words, groups = group_generated(self.tokenizer, ids)
+            notes = [] if words else ["The model produced an empty caption; try beams or sampling."]
+            results.append(self._result(rgb, pixel_values[i:i + 1], one, ids, words, groups, asdict(settings),
+                                        notes, {"encode": encode, "generate": generate}, method, layers, head))
+        return results
+
+    def _settings(self, max_new_tokens: int | None, num_beams: int, do_sample: bool = False,
+                  temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, seed: int | None = None
+                  ) -> GenerationSettings:
+        """Checked settings, max_new_tokens defaulted to the model's and capped by its position table."""
+        if max_new_tokens is None:
+            max_new_tokens = self.default_max_new_tokens
+        settings = GenerationSettings(max_new_tokens, num_beams, do_sample, temperature, top_k, top_p,
+                                      seed).checked()
+        return GenerationSettings(**{**asdict(settings), "max_new_tokens": min(settings.max_new_tokens,
+                                                                                 self.max_tokens - 1)})
+
+    def explain(self, image, text: str, method: str = "attention", layers: list[int] | None = None,
+                head: int | None = None) -> CaptionResult:
+        """Maps and word probabilities for a caption a person gives (forced decoding), e.g. "a dog on a bed"."""
+        ids, groups = self.tokenize(text)
+        words = text.split()
+        unk = self.tokenizer.unk_token_id
+        unknown = [w for w, g in zip(words, groups) if unk is not None and any(ids[k] == unk for k in g)]
+        notes = [f"Not in the model's vocabulary: {', '.join(unknown)}."] if unknown else []
+        t = time.perf_counter()
+        rgb, pixel_values, enc = self._encode(image)
+        return self._result(rgb, pixel_values, enc, ids, words, groups, None, notes,
+                            {"encode": time.perf_counter() - t}, method, layers, head)
