@@ -1,0 +1,183 @@
+"""Where did the captioner look? A thin Gradio UI over the `captioner` package (layout and wiring only)."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import gradio as gr
+
+import captioner
+from gradio_inputs import image_input, setting
+from captioner import render
+from captioner.attention import parse_layers
+
+EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "assets" / "examples").glob("*.*") if p.suffix != ".md")
+DEFAULT_METHOD = "attention"  # the method that measured best (README, "Which map is right?")
+COLOURS = {"selected": "#fde047", "sure (≥ 90%)": "#86efac", "likely (50–90%)": "#bfdbfe", "unsure (< 50%)": "#fecaca"}
+
+
+@functools.lru_cache(maxsize=2)
+def get_model(name: str) -> captioner.Captioner:
+    return captioner.load(name)
+
+
+def _bucket(p: float) -> str:
+    return "sure (≥ 90%)" if p >= 0.9 else "likely (50–90%)" if p >= 0.5 else "unsure (< 50%)"
+
+
+def _words(res: captioner.CaptionResult, selected: int | None) -> list[tuple[str, str]]:
+    return [(w, "selected" if k == selected else _bucket(p)) for k, (w, p) in enumerate(zip(res.words,
+                                                                                             res.word_probs))]
+
+
+def _views(res: captioner.CaptionResult, k: int, grid: bool):
+    """The caption with word k marked, and word k's overlay, from the cached result: no model call."""
+    if not res.words:
+        return _words(res, None), None
+    k = min(max(int(k), 0), len(res.words) - 1)
+    title = f"'{res.words[k]}'  p={res.word_probs[k]:.2f}"
+    return _words(res, k), render.titled_overlay(res.image, res.word_maps[k], title, grid)
+
+
+def _publish(cap: captioner.Captioner, res: captioner.CaptionResult, grid: bool, model: str):
+    """Everything a caption shows; the state keeps the result (and which model made it) for clicks and re-maps."""
+    words, overlay = _views(res, 0, grid)
+    cls = render.titled_overlay(res.image, res.cls_map, f"ViT CLS token ({res.method})", grid)
+    strip = render.word_strip(res.image, res.words, res.word_maps, grid=grid)
+    probs = " · ".join(f"{w} {p:.0%}" for w, p in zip(res.words, res.word_probs))
+    info = f"**Word probabilities** {probs}\n\n**Model** `{res.model}` on {cap.device} · maps: {res.method} · grid " \
+        f"{res.grid[0]}×{res.grid[1]} · " + " · ".join(f"{k} {v * 1000:.0f} ms" for k, v in res.seconds.items()) + \
+        "".join(f"\n\n⚠️ {n}" for n in res.notes)
+    return words, overlay, cls, strip, res.to_json(), info, {"result": res, "model": model}
+
+
+def _guard(fn):
+    """ValueError/RuntimeError from the library become messages on the page and AppErrors for API clients."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, RuntimeError) as e:
+            raise gr.Error(str(e)) from None
+    return wrapped
+
+
+def _method(method, layers, head) -> dict:
+    return dict(method=method or "attention", layers=parse_layers(layers),
+                head=None if head is None or head < 0 else int(head))
+
+
+@_guard
+def caption(image, max_new_tokens=None, num_beams=4, do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
+            seed=-1, model=None, grid=False, method="attention", layers="all", head=-1):
+    model = model or captioner.default_model()
+    cap = get_model(model)
+    res = cap.caption(image, max_new_tokens, num_beams, do_sample, temperature, top_k, top_p,
+                      None if seed is None or seed < 0 else seed, **_method(method, layers, head))
+    return _publish(cap, res, grid, model)
+
+
+@_guard
+def explain(image, text, model=None, grid=False, method="attention", layers="all", head=-1):
+    model = model or captioner.default_model()
+    cap = get_model(model)
+    return _publish(cap, cap.explain(image, text, **_method(method, layers, head)), grid, model)
+
+
+@_guard
+def remap(state, grid, method, layers, head):
+    """Other maps for the caption on the page: no new generation."""
+    if state is None:
+        raise gr.Error("Caption an image first.")
+    cap = get_model(state["model"])
+    return _publish(cap, cap.remap(state["result"], **_method(method, layers, head)), grid, state["model"])
+
+
+@_guard
+def heatmap(image, text, word_index=0, model=None, grid=False, method="attention", layers="all", head=-1):
+    res = get_model(model or captioner.default_model()).explain(image, text, **_method(method, layers, head))
+    if not 0 <= int(word_index) < len(res.words):
+        raise ValueError(f"word_index must be between 0 and {len(res.words) - 1} for a {len(res.words)}-word "
+                         "caption.")
+    return render.titled_overlay(res.image, res.word_maps[int(word_index)], res.words[int(word_index)], grid)
+
+
+def on_select(state, grid, evt: gr.SelectData):
+    if state is None:
+        raise gr.Error("Caption an image first.")
+    return _views(state["result"], evt.index, grid)
+
+
+def show_method_controls(method):
+    return [gr.update(visible=method != "relevance")] * 2
+
+
+def build_demo(models: list[str] | None = None) -> gr.Blocks:
+    models = models or captioner.available_models()
+    with gr.Blocks(title="Where did the captioner look?") as demo:
+        gr.Markdown("# Where did the captioner look?\nCaption an image, then **click any word** to see where the "
+                    "decoder looked while writing it (cross-attention), beside where the ViT's CLS token looked.")
+        state = gr.State(None, time_to_live=3600)  # a visitor's caption and maps; freed an hour after last use
+        with gr.Row():
+            with gr.Column(scale=2):
+                image = image_input(label="Image", sources=["upload", "webcam", "clipboard"], elem_id="image")
+                model = gr.Dropdown(models, value=models[0], label="Model", visible=len(models) > 1)
+                with gr.Accordion("Generation settings", open=False):
+                    max_new = setting("max_new_tokens", value=get_model(models[0]).default_max_new_tokens, step=1, label="Max new tokens")
+                    beams = setting("num_beams", value=4, step=1, label="Beams")
+                    sample = gr.Checkbox(False, label="Sample instead of searching")
+                    temp = setting("temperature", value=1.0, step=0.05, label="Temperature")
+                    top_k = setting("top_k", value=50, step=1, label="Top-k (0 = off)")
+                    top_p = setting("top_p", value=1.0, step=0.01, label="Top-p")
+                    seed = gr.Number(-1, precision=0, label="Seed (-1 = random; used when sampling)")
+                with gr.Accordion("Map method", open=True):
+                    method = gr.Radio(list(captioner.METHODS), value=DEFAULT_METHOD, label="Method",
+                                      info="attention: raw cross-attention · rollout: through the ViT's "
+                                      "mixing · relevance: gradient-weighted (Chefer et al.)")
+                    with gr.Row():
+                        layers = gr.Textbox("all", label="Layers", info="all, -1, 0-3 or 1,4")
+                        head = gr.Number(-1, precision=0, label="Head", info="-1 = mean of all heads")
+                    grid = gr.Checkbox(False, label="Draw the ViT patch grid")
+                run = gr.Button("Caption", variant="primary", elem_id="caption-btn")
+                typed = gr.Textbox(label="…or explain your own caption", placeholder="a red circle left of a blue "
+                                   "square", elem_id="typed")
+                run_typed = gr.Button("Explain this caption", elem_id="explain-btn")
+                gr.Examples(EXAMPLES, inputs=image)
+            with gr.Column(scale=3):
+                words = gr.HighlightedText(label="Caption: click a word", color_map=COLOURS, show_legend=True,
+                                           elem_id="words")
+                with gr.Row():
+                    word_view = gr.Image(label="Decoder cross-attention for the word", format="png",
+                                         elem_id="word-map", interactive=False)
+                    cls_view = gr.Image(label="ViT CLS-token attention", format="png", elem_id="cls-map",
+                                        interactive=False)
+                gr.Markdown("**Every word at once** (download the PNG from its corner)")
+                strip = gr.Image(label="Every word at once", show_label=False, format="png", elem_id="strip",
+                                 interactive=False)
+                info = gr.Markdown(f"Models available: {', '.join(f'`{m}`' for m in models)}")
+                with gr.Accordion("Result as JSON (what the API returns)", open=False):
+                    result = gr.JSON(label="Result")
+        # the /heatmap endpoint's own inputs and output, hidden from the page
+        with gr.Row(visible=False):
+            hm_text, hm_index = gr.Textbox(), gr.Number(0, precision=0)
+            hm_out, hm_btn = gr.Image(format="png"), gr.Button()
+
+        outputs = [words, word_view, cls_view, strip, result, info, state]
+        shared = dict(concurrency_id="model", concurrency_limit=1)
+        how = [method, layers, head]
+        run.click(caption, [image, max_new, beams, sample, temp, top_k, top_p, seed, model, grid, *how], outputs,
+                  api_name="caption", **shared)
+        run_typed.click(explain, [image, typed, model, grid, *how], outputs, api_name="explain", **shared)
+        typed.submit(explain, [image, typed, model, grid, *how], outputs, api_visibility="private", **shared)
+        hm_btn.click(heatmap, [image, hm_text, hm_index, model, grid, *how], hm_out, api_name="heatmap", **shared)
+        words.select(on_select, [state, grid], [words, word_view], api_visibility="private")
+        method.change(show_method_controls, method, [layers, head], api_visibility="private")
+        for control in (method, layers, head, grid):  # re-map the caption on the page; never regenerate it
+            getattr(control, "submit" if control in (layers, head) else "change")(
+                remap, [state, grid, *how], outputs, api_visibility="private", **shared)
+    demo.queue(max_size=32, default_concurrency_limit=1)
+    return demo
+
+
+if __name__ == "__main__":
+    build_demo().launch(theme=gr.themes.Soft())

@@ -1,0 +1,48 @@
+"""Gradio inputs that validate the way the captioner does, so page and API callers get the library's messages.
+
+Two Gradio input checks are replaced per instance. (A subclass would do the same, but Gradio writes a .pyi stub
+beside any module that defines a component class.)
+"""
+from __future__ import annotations
+
+import gradio as gr
+
+from captioner.decoding import LIMITS
+from captioner.images import read_image
+
+
+def image_input(**kwargs) -> gr.Image:
+    """An image upload decoded by `captioner.images.read_image` instead of Gradio, so the app sees what the library
+    sees: transparent pixels on white (Gradio's RGB conversion turns them black), GIFs in colour (Gradio hands
+    over their palette indices), bombs refused from the header, and a message a visitor understands for a file
+    that is not an image (Gradio's names its internals, or says only "Error" when show_error is off)."""
+    image = gr.Image(type="numpy", **kwargs)
+    gradio_preprocess = image.preprocess
+
+    def preprocess(payload):
+        if payload is None or payload.path is None:  # no image, or a data: URL: Gradio's own decoding
+            return gradio_preprocess(payload)
+        try:
+            return read_image(payload.path)  # (H, W, 3) uint8 RGB
+        except ValueError as e:
+            raise gr.Error(str(e)) from None
+
+    image.preprocess = preprocess
+    return image
+
+
+def setting(param: str, **kwargs) -> gr.Slider:
+    """A slider over LIMITS[param] whose out-of-range message names the API parameter; Gradio's own check says
+    only "Value 10000 is greater than maximum value 8", which leaves an API caller guessing which one."""
+    lo, hi = LIMITS[param]
+    slider = gr.Slider(lo, hi, **kwargs)
+    gradio_preprocess = slider.preprocess
+
+    def preprocess(payload):
+        try:
+            return gradio_preprocess(payload)
+        except gr.Error:
+            raise gr.Error(f"{param} must be between {lo} and {hi}, got {payload}.") from None
+
+    slider.preprocess = preprocess
+    return slider
