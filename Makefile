@@ -1,0 +1,28 @@
+# make venv | run | test | test-slow. Installing is skipped while .venv/.installed is newer than the requirements.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: venv run test test-slow chromium
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+run: $(STAMP)
+	$(PY) app.py
+
+# Debian's Chromium for the browser tests (playwright's own browser downloads are never used); root only
+chromium:
+	@if [ ! -x $(CHROMIUM) ] && [ "$$(id -u)" = 0 ]; then \
+		apt-get update && apt-get install -y --no-install-recommends chromium; \
+	fi
+
+test: $(STAMP) chromium
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
