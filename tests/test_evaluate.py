@@ -1,0 +1,157 @@
+"""The evaluation module: the pointing game's geometry, the caption scorers, forced-decoding NLL, and the real
+`evaluate` / `main` entry points on a tiny random model."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from captioner.evaluate import (EVAL_SEEDS_START, caption_scores, evaluate, main, pointing_hit, token_nll,
+                                uniform_hit_rate)
+from captioner.synthetic import IMAGE_SIZE, make_scene, write_dataset
+
+SQUARE = (IMAGE_SIZE, IMAGE_SIZE)  # (H, W)
+
+
+def peak(grid, i, j) -> np.ndarray:
+    """A (gh, gw) map whose only maximum is cell (i, j)."""
+    m = np.zeros(grid, np.float32)
+    m[i, j] = 1.0
+    return m
+
+
+def test_pointing_hit_and_miss():
+    m = peak((8, 8), 2, 3)  # 12-pixel patches: cell (2, 3) covers x 36..47, y 24..35
+    assert pointing_hit(m, (36, 24, 48, 36), SQUARE)
+    assert pointing_hit(m, (30, 10, 60, 50), SQUARE)
+    assert not pointing_hit(m, (60, 60, 80, 80), SQUARE)
+    assert not pointing_hit(m, (24, 36, 36, 48), SQUARE), "row and column swapped must miss"
+
+
+def test_pointing_slack_is_half_a_patch():
+    m = peak((8, 8), 2, 3)  # cell centre (42, 30); half a patch is 6 pixels
+    assert not pointing_hit(m, (48, 24, 60, 36), SQUARE), "box starts on the cell's right edge: no overlap"
+    assert pointing_hit(m, (47, 24, 60, 36), SQUARE), "box reaches one pixel into the cell"
+    assert not pointing_hit(m, (20, 24, 36, 36), SQUARE), "box ends (exclusive) on the cell's left edge"
+    assert pointing_hit(m, (20, 24, 37, 36), SQUARE)
+    assert not pointing_hit(m, (36, 36, 48, 50), SQUARE), "box starts on the cell's bottom edge"
+    assert pointing_hit(m, (36, 35, 48, 50), SQUARE)
+
+
+def test_pointing_non_square_grid_and_image():
+    m = peak((4, 6), 1, 4)  # on 96x96: patches 16 wide, 24 high; centre (72, 36)
+    assert pointing_hit(m, (64, 24, 80, 48), SQUARE)
+    assert not pointing_hit(m, (24, 64, 48, 80), SQUARE), "x and y swapped must miss"
+    assert not pointing_hit(m, (80, 24, 96, 48), SQUARE)
+    assert pointing_hit(m, (79, 24, 96, 48), SQUARE), "one pixel into a 16-pixel-wide patch"
+    # on a 32x48 image (H, W) the same grid has square 8-pixel patches: centre (36, 12)
+    assert pointing_hit(m, (32, 8, 40, 16), (32, 48))
+    assert not pointing_hit(m, (32, 8, 40, 16), (48, 32)), "image size is (H, W), not (W, H)"
+
+
+def test_flat_map_never_hits():
+    assert not pointing_hit(np.zeros((4, 6), np.float32), (0, 0, IMAGE_SIZE, IMAGE_SIZE), SQUARE)
+
+
+@pytest.mark.parametrize("grid, box, image_size", [((8, 8), (36, 24, 48, 36), SQUARE), ((4, 6), (10, 50, 40, 90),
+                                                   SQUARE), ((4, 6), (0, 0, 48, 32), (32, 48))])
+def test_uniform_rate_is_mean_over_all_peaks(grid, box, image_size):
+    gh, gw = grid
+    hits = [pointing_hit(peak(grid, i, j), box, image_size) for i in range(gh) for j in range(gw)]
+    assert uniform_hit_rate(grid, box, image_size) == pytest.approx(np.mean(hits))
+    assert 0 < uniform_hit_rate(grid, box, image_size) <= 1
+
+
+def test_caption_scores_rank_identical_above_different():
+    truth = {s: [make_scene(s).caption] for s in range(8)}
+    same = caption_scores({s: refs[0] for s, refs in truth.items()}, truth)
+    assert same["bleu4"] == pytest.approx(1.0, abs=1e-6)
+    assert same["cider"] > 5  # CIDEr-D of a perfect match is 10 up to n-grams every reference shares
+    shifted = caption_scores({s: truth[(s + 1) % 8][0] for s in truth}, truth)
+    assert shifted["bleu4"] < same["bleu4"] and shifted["cider"] < same["cider"]
+    upper = caption_scores({s: refs[0].upper() + "." for s, refs in truth.items()}, truth)
+    assert upper == pytest.approx(same), "case and COCO-style punctuation are normalised away"
+    with pytest.raises(ValueError, match="same"):
+        caption_scores({0: "a"}, {1: ["a"]})
+
+
+def test_token_nll_matches_explain(random_tiny):
+    scene = make_scene(3)
+    nll = token_nll(random_tiny, scene.image, scene.caption)  # BPE: several tokens per word, then EOS
+    res = random_tiny.explain(scene.image, scene.caption)
+    assert nll.shape == (len(res.token_ids) + 1,), "every caption token and the EOS"
+    # word_probs multiply the tokens that spell each word (a lone space token belongs to none of them)
+    spelled = sorted(set().union(*res.word_tokens))
+    assert nll[spelled].sum() == pytest.approx(-np.log(res.word_probs).sum(), rel=1e-4)
+    assert (nll >= 0).all()
+
+
+def oracle_maps(seeds):
+    """A map_fn that peaks on the true object's centre for true captions and is flat for anything else."""
+    scenes = {make_scene(s).caption: make_scene(s) for s in seeds}
+
+    def map_fn(cap, image, text):
+        gh, gw = cap.grid
+        maps = np.zeros((len(text.split()), gh, gw), np.float32)  # (W, gh, gw)
+        for obj in getattr(scenes.get(text), "objects", ()):
+            cx, cy = obj.centre
+            maps[obj.word_index, int(cy * gh / IMAGE_SIZE), int(cx * gw / IMAGE_SIZE)] = 1.0
+        return maps
+    return map_fn
+
+
+def short_scenes_start(cap, n: int) -> int:
+    """The first seed from EVAL_SEEDS_START that starts n scenes whose captions fit the tiny model: its small BPE
+    vocabulary spells scene words nearly letter by letter, and it reads at most 39 tokens."""
+    def fits(seed: int) -> bool:
+        return len(cap.tokenizer(make_scene(seed).caption, add_special_tokens=False).input_ids) < cap.max_tokens
+
+    start = EVAL_SEEDS_START
+    while not all(fits(start + k) for k in range(n)):
+        start += 1
+    return start
+
+
+def test_evaluate_end_to_end(random_tiny):
+    start = short_scenes_start(random_tiny, 3)
+    seeds = range(start, start + 3)
+    out = evaluate(random_tiny, n_scenes=3, seed_start=start, progress=False, max_new_tokens=8)
+    scenes = [make_scene(s) for s in seeds]
+    assert (out["scenes"], out["seed_start"], out["num_beams"], out["max_new_tokens"]) == (3, start, 1, 8)
+    assert out["objects_true"] == sum(len(s.objects) for s in scenes)
+    assert 0 <= out["objects_generated"] <= out["objects_true"]
+    assert out["words"] == sum(len(s.caption.split()) for s in scenes)
+    assert out["tokens"] > out["words"], "BPE splits words, and every caption adds an EOS"
+    for key in ("bleu4", "exact_match", "word_accuracy", "pointing_true", "pointing_true_uniform",
+                "pointing_true_random"):
+        assert 0 <= out[key] <= 1, key
+    assert out["cider"] >= 0 and out["perplexity"] >= 1
+    if out["objects_generated"] == 0:
+        assert out["pointing_generated"] is None and out["pointing_generated_uniform"] is None
+    assert json.loads(json.dumps(out)) == out, "plain JSON types only"
+
+    oracle = evaluate(random_tiny, n_scenes=3, seed_start=start, progress=False, max_new_tokens=8,
+                      map_fn=oracle_maps(seeds))
+    assert oracle["pointing_true"] == 1.0, "a map that peaks on each object must always hit"
+    for key in ("pointing_true_uniform", "pointing_true_random", "perplexity", "bleu4"):
+        assert oracle[key] == out[key], f"{key} must not depend on the map source or the run"
+
+
+def test_main_writes_json_and_table(random_tiny, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    random_tiny.model.save_pretrained(model_dir)
+    random_tiny.tokenizer.save_pretrained(model_dir)
+    random_tiny.processor.save_pretrained(model_dir)
+    coco = write_dataset(tmp_path / "coco", range(2), "val")
+    out = tmp_path / "metrics.json"
+    main([str(model_dir), "--scenes", "2", "--seed-start", str(short_scenes_start(random_tiny, 2)), "--beams", "1",
+          "--coco-json", str(coco), "--image-dir", str(tmp_path / "coco" / "val"), "--json-out", str(out),
+          "--no-progress", "--methods", "attention", "relevance", "--method-scenes", "2"])
+    results = json.loads(out.read_text())
+    assert len(results) == 2 and results[0]["scenes"] == 2 and results[0]["coco_images"] == 2
+    assert set(results[1]["methods"]) == {"attention", "relevance"} and results[1]["method_scenes"] == 2
+    assert math.isfinite(results[0]["perplexity"]) and 0 <= results[0]["coco_bleu4"] <= 1
+    table = capsys.readouterr().out
+    assert "| metric | greedy |" in table and "| BLEU-4 |" in table and "| COCO CIDEr |" in table
