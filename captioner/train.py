@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -140,7 +140,9 @@ def _validate(model, loader, accelerator) -> float:
 
 def main(cfg: TrainConfig) -> dict:
     """Run training as configured; returns the metrics written to the training card."""
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    # a seedable sampler reshuffles from seed + epoch, so a resumed run sees the same order as an unbroken one
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     set_seed(cfg.seed)
     out = Path(cfg.out)
     model, tokenizer, processor = _model_and_preprocessing(cfg)

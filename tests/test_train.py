@@ -1,0 +1,140 @@
+"""The real training entry point on tiny data: synthetic scenes, COCO and Flickr formats, resume, masking."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import captioner
+from captioner import synthetic, train
+from captioner.architecture import PRESETS, image_processor
+from captioner.data import CocoCaptions, Collator, FlickrCaptions, SyntheticScenes
+from captioner.vocabulary import bpe_tokenizer, word_tokenizer
+
+
+def _config(tmp_path, **kw) -> train.TrainConfig:
+    base = dict(out=str(tmp_path / "model"), preset="tiny", train_size=64, val_size=16, batch_size=16, epochs=2,
+                lr=3e-3, warmup_steps=2, ema=0.9, checkpoint_every=4)
+    return train.TrainConfig(**{**base, **kw})
+
+
+def test_collate_pads_to_the_batch_and_masks_with_minus_100():
+    tok = bpe_tokenizer(["a dog on a skateboard", "a cat"] * 5, 280)
+    tok.pad_token = tok.eos_token  # as GPT-2 does: padding must still not hide the real EOS
+    collate = Collator(image_processor(PRESETS["tiny"]), tok, max_tokens=40)
+    images = [Image.new("RGB", (50, 30), c) for c in ("red", "blue")]
+    batch = collate(list(zip(images, ["a dog on a skateboard", "a cat"])))
+    long_ids = tok("a dog on a skateboard", add_special_tokens=False).input_ids
+    short_ids = tok("a cat", add_special_tokens=False).input_ids
+    assert batch["pixel_values"].shape == (2, 3, 32, 48)
+    assert batch["labels"].shape == (2, len(long_ids) + 1), "padded to the longest caption, not the model max"
+    assert batch["labels"][0].tolist() == long_ids + [tok.eos_token_id]
+    row = batch["labels"][1].tolist()
+    assert row[: len(short_ids) + 1] == short_ids + [tok.eos_token_id]
+    assert set(row[len(short_ids) + 1:]) == {-100}
+    truncated = Collator(image_processor(PRESETS["tiny"]), tok, max_tokens=3)(list(zip(images, ["a dog on a "
+                                                                                              "skateboard"] * 2)))
+    assert truncated["labels"].shape[1] == 3 and truncated["labels"][0, -1] == tok.eos_token_id
+
+
+def test_synthetic_training_learns_resumes_and_saves_a_loadable_model(tmp_path):
+    cfg = _config(tmp_path, epochs=3)
+    first = train.main(_config(tmp_path, epochs=3, stop_after=8))
+    card = json.loads((tmp_path / "model" / "training_card.json").read_text())
+    assert card["history"][0]["step"] == 4 and first["step"] == 8
+    resumed = train.main(train.TrainConfig(**{**cfg.__dict__, "resume": True}))
+    assert resumed["step"] == 12, "resume continues from the checkpoint instead of starting over"
+    history = json.loads((tmp_path / "model" / "training_card.json").read_text())["history"]
+    assert history[-1]["train_loss"] < first["train_loss"] and history[-1]["val_loss"] < card["history"][0]["val_loss"]
+    assert history[-1]["val_perplexity"] == pytest.approx(np.exp(history[-1]["val_loss"]))
+    cap = captioner.load(str(tmp_path / "model"))
+    res = cap.caption(synthetic.make_scene(1).image)
+    assert res.cls_map.shape == (4, 6) and all(w in synthetic.VOCABULARY for w in res.words)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    train.main(_config(tmp_path / "a", epochs=2))
+    train.main(_config(tmp_path / "b", epochs=2, stop_after=4))
+    train.main(train.TrainConfig(**{**_config(tmp_path / "b", epochs=2).__dict__, "resume": True}))
+    a = captioner.load(str(tmp_path / "a" / "model")).model.state_dict()
+    b = captioner.load(str(tmp_path / "b" / "model")).model.state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def _write_images(folder, n):
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        scene = synthetic.make_scene(i)
+        scene.image.save(folder / f"{i}.jpg")
+        names.append((f"{i}.jpg", scene.caption))
+    return names
+
+
+def test_coco_format_training(tmp_path):
+    names = _write_images(tmp_path / "images", 12)
+    coco = {"images": [{"id": i, "file_name": n} for i, (n, _) in enumerate(names)],
+            "annotations": [{"id": 100 + i, "image_id": i, "caption": c + " ."} for i, (_, c) in enumerate(names)]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    ds = CocoCaptions(tmp_path / "captions.json", tmp_path / "images")
+    assert len(ds) == 12 and ds[0][1] == names[0][1] + " ." and ds[0][0].mode == "RGB"
+    out = train.main(_config(tmp_path, data="coco", train_json=str(tmp_path / "captions.json"),
+                             val_json=str(tmp_path / "captions.json"), image_dir=str(tmp_path / "images"),
+                             batch_size=4, epochs=1))
+    assert out["step"] == 3 and np.isfinite(out["val_loss"])
+
+
+def test_flickr_karpathy_format_training(tmp_path):
+    names = _write_images(tmp_path / "images", 12)
+    split = ["train"] * 6 + ["restval"] * 2 + ["val"] * 2 + ["test"] * 2
+    karpathy = {"images": [{"filename": n, "split": s, "sentences": [{"raw": c}, {"raw": c.upper()}]}
+                           for (n, c), s in zip(names, split)]}
+    (tmp_path / "dataset_flickr8k.json").write_text(json.dumps(karpathy))
+    ds = FlickrCaptions(tmp_path / "dataset_flickr8k.json", tmp_path / "images", "train")
+    assert len(ds) == 16, "train + restval, every sentence"
+    assert len(FlickrCaptions(tmp_path / "dataset_flickr8k.json", tmp_path / "images", "val")) == 4
+    out = train.main(_config(tmp_path, data="flickr", train_json=str(tmp_path / "dataset_flickr8k.json"),
+                             image_dir=str(tmp_path / "images"), batch_size=4, epochs=1))
+    assert out["step"] == 4 and np.isfinite(out["val_loss"])
+
+
+def test_staged_training_freezes_by_step():
+    tok = word_tokenizer(synthetic.VOCABULARY)
+    model = captioner.architecture.build_model(PRESETS["tiny"], tok)
+    cfg = train.TrainConfig(stage_decoder=10, stage_all=20)
+    trainable = lambda: {n for n, p in model.named_parameters() if p.requires_grad}  # noqa: E731
+    assert train._set_stage(model, 0, cfg) == "cross"
+    assert trainable() and all("crossattention" in n or "ln_cross" in n for n in trainable())
+    assert train._set_stage(model, 10, cfg) == "decoder"
+    assert all(n.startswith("decoder.") for n in trainable()) and any("mlp" in n for n in trainable())
+    assert train._set_stage(model, 20, cfg) == "all"
+    assert any(n.startswith("encoder.") for n in trainable())
+
+
+def test_scenes_are_deterministic_and_consistent():
+    a, b = synthetic.make_scene(42), synthetic.make_scene(42)
+    assert a.caption == b.caption and np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    for seed in range(60):
+        scene = synthetic.make_scene(seed)
+        words = scene.caption.split()
+        assert set(words) <= set(synthetic.VOCABULARY) and 1 <= len(scene.objects) <= 3
+        for obj in scene.objects:
+            assert words[obj.word_index] == obj.shape and words[obj.word_index - 1] == obj.colour
+            x0, y0, x1, y1 = obj.box
+            assert 0 <= x0 < x1 <= synthetic.IMAGE_SIZE and 0 <= y0 < y1 <= synthetic.IMAGE_SIZE
+            pixels = np.asarray(scene.image)[y0:y1, x0:x1].astype(int)
+            target = np.array(synthetic.COLOURS[obj.colour])
+            assert (np.abs(pixels - target).max(-1) < 60).mean() > 0.15, "the box holds the named colour"
+        sizes = [o.size for o in scene.objects]
+        assert sizes == sorted(sizes), "canonical order: large before small"
+
+
+def test_write_dataset_reads_back_as_coco(tmp_path):
+    path = synthetic.write_dataset(tmp_path, range(5))
+    ds = CocoCaptions(path, tmp_path / "train")
+    assert [c for _, c in ds] == [synthetic.make_scene(s).caption for s in range(5)]
+    assert [c for _, c in SyntheticScenes(range(5))] == [c for _, c in ds]
