@@ -1,0 +1,129 @@
+"""The real app, launched on 127.0.0.1 and called the way API users call it: with `gradio_client`."""
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from captioner.images import read_image
+from conftest import CAPTIONS, image_for
+
+# /caption and /explain return (words, word overlay, CLS overlay, strip, result JSON, info); gr.State is not sent
+RESULT = 4
+
+
+@pytest.fixture(scope="session")
+def client(app_url):
+    return Client(app_url, analytics_enabled=False, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def image_file(tmp_path_factory):
+    """image_for(0) as a PNG (lossless, so the app decodes exactly the array the library gets)."""
+    path = tmp_path_factory.mktemp("images") / "scene0.png"
+    Image.fromarray(image_for(0)).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def captioned(client, image_file):
+    """The result JSON of /caption with every setting left at the page's default."""
+    return client.predict(handle_file(image_file), api_name="/caption")[RESULT]
+
+
+def test_named_endpoints_are_exactly_caption_explain_heatmap(client):
+    api = client.view_api(print_info=False, return_format="dict")
+    assert set(api["named_endpoints"]) == {"/caption", "/explain", "/heatmap"}
+    assert not api["unnamed_endpoints"]  # the select handler and Enter-in-textbox are private
+
+
+def test_caption_returns_words_and_maps(captioned):
+    res = captioned
+    assert isinstance(res, dict) and res["caption"]
+    assert res["words"] == res["caption"].split()
+    gh, gw = res["grid"]
+    maps, cls = np.array(res["word_maps"]), np.array(res["cls_map"])
+    assert maps.shape == (len(res["words"]), gh, gw)
+    assert cls.shape == (gh, gw)
+    for m in (maps, cls):
+        assert m.min() >= 0.0 and m.max() <= 1.0
+
+
+def test_caption_maps_equal_the_library_on_the_same_image(captioned, tiny, app_settings):
+    assert set(app_settings) == {"max_new_tokens", "num_beams", "do_sample", "temperature", "top_k", "top_p"}
+    res = tiny.caption(image_for(0), **app_settings)
+    assert captioned["caption"] == res.text
+    np.testing.assert_allclose(np.array(captioned["word_maps"]), res.word_maps, atol=1e-3)
+    np.testing.assert_allclose(np.array(captioned["cls_map"]), res.cls_map, atol=1e-3)
+
+
+def test_explain_of_the_caption_gives_the_same_maps(client, image_file, captioned):
+    res = client.predict(handle_file(image_file), captioned["caption"], api_name="/explain")[RESULT]
+    assert res["words"] == captioned["words"]
+    np.testing.assert_allclose(np.array(res["word_maps"]), np.array(captioned["word_maps"]), atol=1e-3)
+
+
+def test_heatmap_is_a_png_that_depends_on_the_word(client, image_file):
+    text = CAPTIONS[0]
+    paths = [client.predict(handle_file(image_file), text, k, api_name="/heatmap") for k in (0, 3)]
+    images = []
+    for path in paths:
+        with Image.open(path) as im:
+            assert im.format == "PNG"
+            images.append(np.asarray(im.convert("RGB")).astype(int))
+    a, b = images
+    assert a.shape == b.shape and min(a.shape[:2]) >= 64
+    assert a.std() > 10  # a picture, not a blank
+    assert np.abs(a - b).mean() > 1  # a different word is a different map (and title)
+
+
+@pytest.mark.parametrize("api_name, args, name", [
+    ("/caption", dict(num_beams=10000), "num_beams"),
+    ("/caption", dict(max_new_tokens=10**6), "max_new_tokens"),
+    ("/caption", dict(temperature=-1, do_sample=True), "temperature"),
+    ("/caption", dict(top_p=5, do_sample=True), "top_p"),
+    ("/heatmap", dict(text=CAPTIONS[0], word_index=99), "word_index"),
+    ("/explain", dict(text=""), "caption"),
+    ("/explain", dict(text="a dog " * 17_000), "caption"),  # 102 kB
+])
+def test_out_of_range_inputs_are_refused_naming_the_parameter(client, image_file, api_name, args, name):
+    with pytest.raises(AppError) as info:
+        client.predict(handle_file(image_file), **args, api_name=api_name)
+    assert name in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["transparent.png", "palette.gif"])
+def test_uploads_are_decoded_as_the_library_decodes_files(client, tiny, app_settings, tmp_path, kind):
+    """The app must read an upload as `captioner.images.read_image` does: transparent pixels on white (not
+    black), GIFs in colour (not as palette indices)."""
+    rgba = np.dstack([image_for(1), np.full(image_for(1).shape[:2], 255, np.uint8)])
+    rgba[:, :16] = 0  # a fully transparent black band
+    path = tmp_path / kind
+    img = Image.fromarray(rgba)
+    (img if kind.endswith(".png") else img.convert("RGB").quantize(64)).save(path)
+    got = client.predict(handle_file(str(path)), api_name="/caption")[RESULT]
+    want = tiny.caption(read_image(path), **app_settings)
+    np.testing.assert_allclose(np.array(got["cls_map"]), want.cls_map, atol=1e-3)
+    np.testing.assert_allclose(np.array(got["word_maps"]), want.word_maps, atol=1e-3)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"this is not a picture\n" * 10, "Could not read this file as an image"),
+    (None, "too small"),  # a 1x1 PNG
+])
+def test_unusable_uploads_get_a_message_a_person_understands(client, tmp_path, content, message):
+    path = tmp_path / "upload.png"
+    if content is None:
+        Image.new("RGB", (1, 1), (255, 0, 0)).save(path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(AppError, match=message):
+        client.predict(handle_file(str(path)), api_name="/caption")
+
+
+def test_files_outside_the_allowed_paths_are_refused(app_url):
+    r = httpx.get(f"{app_url}/gradio_api/file=/etc/passwd", follow_redirects=True, timeout=30)
+    assert r.status_code != 200 or "root:" not in r.text

@@ -1,0 +1,129 @@
+"""The real page in headless Chromium: caption, click words, explain a typed caption, survive a bad upload.
+
+Needs Debian's /usr/bin/chromium (`make test` installs it when run as root); playwright's own browser
+downloads are never used.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+from PIL import Image
+
+from conftest import CAPTIONS, image_for
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+SELECTED = "253, 224, 71"  # app.COLOURS["selected"] (#fde047) as the rgba() the page styles the token with
+WAIT_MS = 60_000  # the model shares two CPU cores with everything else here
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        reason = f"{CHROMIUM} is missing: apt-get install -y --no-install-recommends chromium (`make test` does)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=WAIT_MS)
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, app_url):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(WAIT_MS)
+    page.goto(app_url, wait_until="load")  # never "networkidle": the heartbeat keeps a request open
+    yield page
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    path = tmp_path_factory.mktemp("browser") / "scene0.png"
+    Image.fromarray(image_for(0)).save(path)
+    return str(path)
+
+
+def _upload(page, path: str) -> None:
+    clear = page.locator("#image button[aria-label='Clear']")
+    if clear.count():  # an image is showing: remove it so the upload input comes back
+        clear.first.click()
+    page.locator("#image input[type=file]").set_input_files(path)
+
+
+def _words(page) -> list[str]:
+    return [t.strip() for t in page.locator("#words [role=button] .text").all_inner_texts()]
+
+
+def _is_selected(token) -> bool:
+    return SELECTED in (token.get_attribute("style") or "")
+
+
+def _word_map(page) -> str:
+    """The src of the word overlay once it is showing."""
+    img = page.locator("#word-map img")
+    img.wait_for()
+    return img.get_attribute("src")
+
+
+def _caption(page, expected: list[str]) -> None:
+    from playwright.sync_api import expect
+
+    page.click("#caption-btn")
+    expect(page.locator("#words [role=button]")).to_have_count(len(expected))
+    assert _words(page) == expected
+
+
+def test_caption_click_a_word_then_explain_a_typed_caption(page, scene, tiny, app_settings, tmp_path):
+    from playwright.sync_api import expect
+
+    _upload(page, scene)
+    expected = tiny.caption(image_for(0), **app_settings).words  # the page shows what the library says
+    assert len(expected) >= 3
+    _caption(page, expected)
+    tokens = page.locator("#words [role=button]")
+    assert _is_selected(tokens.nth(0)) and not _is_selected(tokens.nth(2))
+    before = _word_map(page)
+
+    tokens.nth(2).click()
+    page.wait_for_function("prev => document.querySelector('#word-map img')?.src !== prev", arg=before)
+    after = _word_map(page)
+    assert page.request.get(after).body() != page.request.get(before).body()  # another picture, not a new name
+    tokens = page.locator("#words [role=button]")
+    expect(tokens.nth(2)).to_have_attribute("style", re.compile(re.escape(SELECTED)))
+    assert [_is_selected(tokens.nth(k)) for k in range(tokens.count())] == [k == 2 for k in range(len(expected))]
+
+    typed = CAPTIONS[1]
+    page.fill("#typed textarea", typed)
+    page.click("#explain-btn")
+    expect(page.locator("#words [role=button] .text")).to_have_text(typed.split())
+    assert _words(page) == typed.split()
+    page.screenshot(path=tmp_path / "explained.png", full_page=True)
+
+
+def test_a_bad_upload_shows_an_error_and_the_page_still_works(page, scene, tiny, app_settings, tmp_path):
+    from playwright.sync_api import expect
+
+    bad = tmp_path / "not-a-photo.png"
+    bad.write_text("this is a text file wearing a .png name\n" * 20)
+    _upload(page, str(bad))
+    page.click("#caption-btn")
+    toast = page.locator("[data-testid=toast-body]").filter(has_text="Could not read this file as an image")
+    expect(toast.first).to_be_visible()
+    # to_be_visible ignores opacity, and the toast fades in: wait until a person could read it
+    page.wait_for_function("e => getComputedStyle(e).opacity === '1'", arg=toast.first.element_handle())
+    page.screenshot(path=tmp_path / "bad-upload.png")  # the viewport, where the toast is
+
+    _upload(page, scene)
+    _caption(page, tiny.caption(image_for(0), **app_settings).words)
+    _word_map(page)
+    page.screenshot(path=tmp_path / "recovered.png", full_page=True)
