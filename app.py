@@ -12,7 +12,7 @@ from captioner import render
 from captioner.attention import parse_layers
 
 EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "assets" / "examples").glob("*.*") if p.suffix != ".md")
-DEFAULT_METHOD = "attention"  # the method that measured best (README, "Which map is right?")
+DEFAULT_METHOD = "relevance"  # the method that measured best (README, "Which map is right?")
 COLOURS = {"selected": "#fde047", "sure (≥ 90%)": "#86efac", "likely (50–90%)": "#bfdbfe", "unsure (< 50%)": "#fecaca"}
 
 

@@ -103,6 +103,6 @@ def app_settings(app_url):
     from gradio_client import Client
 
     api = Client(app_url, analytics_enabled=False, verbose=False).view_api(print_info=False, return_format="dict")
-    names = ("max_new_tokens", "num_beams", "do_sample", "temperature", "top_k", "top_p")
+    names = ("max_new_tokens", "num_beams", "do_sample", "temperature", "top_k", "top_p", "method")
     return {p["parameter_name"]: p["parameter_default"] for p in api["named_endpoints"]["/caption"]["parameters"]
             if p["parameter_name"] in names}

@@ -53,7 +53,9 @@ def test_caption_returns_words_and_maps(captioned):
 
 
 def test_caption_maps_equal_the_library_on_the_same_image(captioned, tiny, app_settings):
-    assert set(app_settings) == {"max_new_tokens", "num_beams", "do_sample", "temperature", "top_k", "top_p"}
+    assert set(app_settings) == {"max_new_tokens", "num_beams", "do_sample", "temperature", "top_k", "top_p",
+                                 "method"}
+    assert app_settings["method"] == "relevance", "the page defaults to the method that measured best"
     res = tiny.caption(image_for(0), **app_settings)
     assert captioned["caption"] == res.text
     np.testing.assert_allclose(np.array(captioned["word_maps"]), res.word_maps, atol=1e-3)
