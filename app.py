@@ -121,7 +121,9 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=2):
                 image = image_input(label="Image", sources=["upload", "webcam", "clipboard"], elem_id="image")
-                model = gr.Dropdown(models, value=models[0], label="Model", visible=len(models) > 1)
+                choices = [("bundled scene captioner (offline)" if m == captioner.BUNDLED_MODEL else m, m)
+                           for m in models]  # labels, so no server path is shown
+                model = gr.Dropdown(choices, value=models[0], label="Model", visible=len(models) > 1)
                 with gr.Accordion("Generation settings", open=False):
                     max_new = setting("max_new_tokens", value=get_model(models[0]).default_max_new_tokens, step=1, label="Max new tokens")
                     beams = setting("num_beams", value=4, step=1, label="Beams")
@@ -135,8 +137,10 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
                                       info="attention: raw cross-attention · rollout: through the ViT's "
                                       "mixing · relevance: gradient-weighted (Chefer et al.)")
                     with gr.Row():
-                        layers = gr.Textbox("all", label="Layers", info="all, -1, 0-3 or 1,4")
-                        head = gr.Number(-1, precision=0, label="Head", info="-1 = mean of all heads")
+                        shown = DEFAULT_METHOD != "relevance"  # relevance weighs every layer and head itself
+                        layers = gr.Textbox("all", label="Layers", info="all, -1, 0-3 or 1,4", visible=shown)
+                        head = gr.Number(-1, precision=0, label="Head", info="-1 = mean of all heads",
+                                         visible=shown)
                     grid = gr.Checkbox(False, label="Draw the ViT patch grid")
                 run = gr.Button("Caption", variant="primary", elem_id="caption-btn")
                 typed = gr.Textbox(label="…or explain your own caption", placeholder="a red circle left of a blue "
@@ -154,7 +158,9 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
                 gr.Markdown("**Every word at once** (download the PNG from its corner)")
                 strip = gr.Image(label="Every word at once", show_label=False, format="png", elem_id="strip",
                                  interactive=False)
-                info = gr.Markdown(f"Models available: {', '.join(f'`{m}`' for m in models)}")
+                first = get_model(models[0])
+                info = gr.Markdown(f"**Model** `{first.name}` on {first.device} · patch grid "
+                                   f"{first.grid[0]}×{first.grid[1]}")
                 with gr.Accordion("Result as JSON (what the API returns)", open=False):
                     result = gr.JSON(label="Result")
         # the /heatmap endpoint's own inputs and output, hidden from the page
