@@ -7,17 +7,32 @@ from pathlib import Path
 import gradio as gr
 
 import captioner
-from gradio_inputs import image_input, setting
-from captioner import render
+from gradio_inputs import image_input, setting, whole_number
+from captioner import images, render
 from captioner.attention import parse_layers
 
 EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "assets" / "examples").glob("*.*") if p.suffix != ".md")
 DEFAULT_METHOD = "relevance"  # the method that measured best (README, "Which map is right?")
+BUNDLED_LABEL = "bundled scene captioner (offline)"
+MODELS: dict[str, str] = {}  # dropdown label -> folder or hub id, filled by build_demo
+DEFAULT: list[str] = [""]  # the label the page starts with
 COLOURS = {"selected": "#fde047", "sure (≥ 90%)": "#86efac", "likely (50–90%)": "#bfdbfe", "unsure (< 50%)": "#fecaca"}
 
 
+def _label(path: str) -> str:
+    return BUNDLED_LABEL if path == captioner.BUNDLED_MODEL else path  # a hub id is its own label
+
+
+def get_model(label: str | None) -> captioner.Captioner:
+    """The model a dropdown label (or None: the page's default) names; the page and the API never see paths."""
+    label = label or DEFAULT[0]
+    if label not in MODELS:
+        raise gr.Error(f"Unknown model {label!r}; available: {', '.join(MODELS)}.")
+    return _load(MODELS[label])
+
+
 @functools.lru_cache(maxsize=2)
-def get_model(name: str) -> captioner.Captioner:
+def _load(name: str) -> captioner.Captioner:
     return captioner.load(name)
 
 
@@ -70,7 +85,6 @@ def _method(method, layers, head) -> dict:
 @_guard
 def caption(image, max_new_tokens=None, num_beams=4, do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
             seed=-1, model=None, grid=False, method="attention", layers="all", head=-1):
-    model = model or captioner.default_model()
     cap = get_model(model)
     res = cap.caption(image, max_new_tokens, num_beams, do_sample, temperature, top_k, top_p,
                       None if seed is None or seed < 0 else seed, **_method(method, layers, head))
@@ -79,7 +93,6 @@ def caption(image, max_new_tokens=None, num_beams=4, do_sample=False, temperatur
 
 @_guard
 def explain(image, text, model=None, grid=False, method="attention", layers="all", head=-1):
-    model = model or captioner.default_model()
     cap = get_model(model)
     return _publish(cap, cap.explain(image, text, **_method(method, layers, head)), grid, model)
 
@@ -95,7 +108,7 @@ def remap(state, grid, method, layers, head):
 
 @_guard
 def heatmap(image, text, word_index=0, model=None, grid=False, method="attention", layers="all", head=-1):
-    res = get_model(model or captioner.default_model()).explain(image, text, **_method(method, layers, head))
+    res = get_model(model).explain(image, text, **_method(method, layers, head))
     if not 0 <= int(word_index) < len(res.words):
         raise ValueError(f"word_index must be between 0 and {len(res.words) - 1} for a {len(res.words)}-word "
                          "caption.")
@@ -114,6 +127,8 @@ def show_method_controls(method):
 
 def build_demo(models: list[str] | None = None) -> gr.Blocks:
     models = models or captioner.available_models()
+    MODELS.update({_label(m): m for m in models})
+    DEFAULT[0] = _label(models[0])
     with gr.Blocks(title="Where did the captioner look?") as demo:
         gr.Markdown("# Where did the captioner look?\nCaption an image, then **click any word** to see where the "
                     "decoder looked while writing it (cross-attention), beside where the ViT's CLS token looked.")
@@ -121,17 +136,16 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=2):
                 image = image_input(label="Image", sources=["upload", "webcam", "clipboard"], elem_id="image")
-                choices = [("bundled scene captioner (offline)" if m == captioner.BUNDLED_MODEL else m, m)
-                           for m in models]  # labels, so no server path is shown
-                model = gr.Dropdown(choices, value=models[0], label="Model", visible=len(models) > 1)
+                choices = [_label(m) for m in models]
+                model = gr.Dropdown(choices, value=choices[0], label="Model", visible=len(models) > 1)
                 with gr.Accordion("Generation settings", open=False):
-                    max_new = setting("max_new_tokens", value=get_model(models[0]).default_max_new_tokens, step=1, label="Max new tokens")
+                    max_new = setting("max_new_tokens", value=_load(models[0]).default_max_new_tokens, step=1, label="Max new tokens")
                     beams = setting("num_beams", value=4, step=1, label="Beams")
                     sample = gr.Checkbox(False, label="Sample instead of searching")
                     temp = setting("temperature", value=1.0, step=0.05, label="Temperature")
                     top_k = setting("top_k", value=50, step=1, label="Top-k (0 = off)")
                     top_p = setting("top_p", value=1.0, step=0.01, label="Top-p")
-                    seed = gr.Number(-1, precision=0, label="Seed (-1 = random; used when sampling)")
+                    seed = whole_number("seed", value=-1, label="Seed (-1 = random; used when sampling)")
                 with gr.Accordion("Map method", open=True):
                     method = gr.Radio(list(captioner.METHODS), value=DEFAULT_METHOD, label="Method",
                                       info="attention: raw cross-attention · rollout: through the ViT's "
@@ -139,8 +153,8 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
                     with gr.Row():
                         shown = DEFAULT_METHOD != "relevance"  # relevance weighs every layer and head itself
                         layers = gr.Textbox("all", label="Layers", info="all, -1, 0-3 or 1,4", visible=shown)
-                        head = gr.Number(-1, precision=0, label="Head", info="-1 = mean of all heads",
-                                         visible=shown)
+                        head = whole_number("head", value=-1, label="Head", info="-1 = mean of all heads",
+                                            visible=shown)
                     grid = gr.Checkbox(False, label="Draw the ViT patch grid")
                 run = gr.Button("Caption", variant="primary", elem_id="caption-btn")
                 typed = gr.Textbox(label="…or explain your own caption", placeholder="a red circle left of a blue "
@@ -158,14 +172,14 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
                 gr.Markdown("**Every word at once** (download the PNG from its corner)")
                 strip = gr.Image(label="Every word at once", show_label=False, format="png", elem_id="strip",
                                  interactive=False)
-                first = get_model(models[0])
+                first = _load(models[0])
                 info = gr.Markdown(f"**Model** `{first.name}` on {first.device} · patch grid "
                                    f"{first.grid[0]}×{first.grid[1]}")
                 with gr.Accordion("Result as JSON (what the API returns)", open=False):
                     result = gr.JSON(label="Result")
         # the /heatmap endpoint's own inputs and output, hidden from the page
         with gr.Row(visible=False):
-            hm_text, hm_index = gr.Textbox(), gr.Number(0, precision=0)
+            hm_text, hm_index = gr.Textbox(), whole_number("word_index", value=0)
             hm_out, hm_btn = gr.Image(format="png"), gr.Button()
 
         outputs = [words, word_view, cls_view, strip, result, info, state]
@@ -186,4 +200,5 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
 
 
 if __name__ == "__main__":
-    build_demo().launch(theme=gr.themes.Soft())
+    # refuse oversized uploads at the door, before Gradio writes them to disk (read_image would refuse them later)
+    build_demo().launch(theme=gr.themes.Soft(), max_file_size=images.MAX_FILE_BYTES)

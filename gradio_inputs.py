@@ -1,6 +1,6 @@
 """Gradio inputs that validate the way the captioner does, so page and API callers get the library's messages.
 
-Two Gradio input checks are replaced per instance. (A subclass would do the same, but Gradio writes a .pyi stub
+Gradio's own input checks are replaced per instance. (A subclass would do the same, but Gradio writes a .pyi stub
 beside any module that defines a component class.)
 """
 from __future__ import annotations
@@ -41,8 +41,24 @@ def setting(param: str, **kwargs) -> gr.Slider:
     def preprocess(payload):
         try:
             return gradio_preprocess(payload)
-        except gr.Error:
-            raise gr.Error(f"{param} must be between {lo} and {hi}, got {payload}.") from None
+        except (gr.Error, TypeError, ValueError):  # out of range, or not a number at all (None, "4")
+            raise gr.Error(f"{param} must be between {lo} and {hi}, got {payload!r}.") from None
 
     slider.preprocess = preprocess
     return slider
+
+
+def whole_number(param: str, **kwargs) -> gr.Number:
+    """An integer field whose refusal of NaN, infinity or text from an API caller names the parameter. Gradio's
+    says "Could not preprocess input component at index 12", and on a Space (show_error off) nothing at all."""
+    number = gr.Number(precision=0, **kwargs)
+    gradio_preprocess = number.preprocess
+
+    def preprocess(payload):
+        try:
+            return gradio_preprocess(payload)
+        except (TypeError, ValueError, OverflowError):
+            raise gr.Error(f"{param} must be a whole number, got {payload!r}.") from None
+
+    number.preprocess = preprocess
+    return number

@@ -2,6 +2,7 @@
 (greedy and beam search on GPT-2 decoders), `generate` itself otherwise."""
 from __future__ import annotations
 
+import numbers
 import secrets
 from dataclasses import asdict, dataclass
 
@@ -35,9 +36,9 @@ class GenerationSettings:
         values = asdict(self)
         for name, (lo, hi) in LIMITS.items():
             v = values[name]
-            if v is None:
+            if v is None and name == "seed":  # the only setting that may be left out
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or v != v:
                 raise ValueError(f"{name} must be a number between {lo} and {hi}, got {v!r}.")
             if not lo <= v <= hi:
                 raise ValueError(f"{name} must be between {lo} and {hi}, got {v}.")

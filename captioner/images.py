@@ -2,7 +2,8 @@
 
 Handles PIL images of every mode (RGBA/LA/P composited on white, 16-bit and float scaled, CMYK converted),
 arrays of any dtype, files and bytes (first frame of animations, EXIF orientation applied), and refuses
-decompression bombs from the header, before any pixel is decoded.
+decompression bombs from the header, before any pixel is decoded, files too big to read, and strips too thin to
+describe.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_PIXELS = 40_000_000  # refuse larger images before decoding them (a 40 MP photo is ~120 MB as RGB)
 MAX_SIDE = 2048  # downscale larger images before anything else touches them; maps still align
 MIN_SIDE = 2  # a 1-pixel-wide image has no shape to describe
+MAX_ASPECT = 20  # longer side / shorter side; wider than phone panoramas. A thin strip is enlarged for display
+# (render.display_image) until its short side is 384 px: a 2x2048 strip became a 384x393216 overlay (0.5 GB, 11 s)
+MAX_FILE_BYTES = 50_000_000  # phone and camera photos are 2-15 MB; never read gigabytes into memory
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
@@ -73,6 +77,9 @@ def to_rgb(image) -> np.ndarray:
                          f"{MIN_SIDE} pixels on each side.")
     if h * w > MAX_PIXELS:
         raise ValueError(f"The image is {w}x{h} pixels; the limit is {MAX_PIXELS // 1_000_000} megapixels.")
+    if max(h, w) > MAX_ASPECT * min(h, w):
+        raise ValueError(f"The image is {w}x{h} pixels: a strip too thin to describe. Crop it to a shape no "
+                         f"longer than {MAX_ASPECT}:1.")
     if max(h, w) > MAX_SIDE:
         scale = MAX_SIDE / max(h, w)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
@@ -82,7 +89,14 @@ def to_rgb(image) -> np.ndarray:
 
 def read_image(source: str | Path | bytes) -> np.ndarray:
     """Decode an image file or its bytes -> (H, W, 3) uint8 RGB, with a message a person understands on failure."""
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    if isinstance(source, bytes):
+        data = source
+    else:
+        with open(source, "rb") as f:  # at most one byte past the limit, whatever size the file (or device) claims
+            data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"The file is larger than {MAX_FILE_BYTES // 1_000_000} MB. Send a smaller photo (a JPEG "
+                         "from a phone is 2-15 MB).")
     if not data:
         raise ValueError("The file is empty: upload a photo (JPEG, PNG, WebP, GIF, BMP or TIFF).")
     head = data[:512].lstrip().lower()

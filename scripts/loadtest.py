@@ -1,0 +1,178 @@
+"""Many visitors at once: start the real app (`python app.py`, the bundled model) on 127.0.0.1 and let N
+gradio_client visitors each caption and then explain several example scenes, all at the same time.
+
+    OMP_NUM_THREADS=1 python scripts/loadtest.py --clients 20 --images 3 [--rounds 2]
+
+Prints a Markdown table: requests/s, p50/p95 latency, errors (must be 0) and the server's resident memory (idle
+before, peak during, idle after each round of visitors), then stops the server. Exits 1 on any error, or when
+the deadline passes before every request was sent.
+Opt-in: the default test suite runs only a 2-visitor smoke test of it (`pytest -m slow`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENES = sorted(str(p) for p in (ROOT / "assets" / "examples").glob("scene_*.png"))
+RESULT = 4  # /caption and /explain return (words, word overlay, CLS overlay, strip, result JSON, info)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of the server and any children it started, in MB."""
+    proc = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 1e6
+
+
+class Sampler(threading.Thread):
+    """The server's peak RSS, sampled every 50 ms."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.done = pid, 0.0, threading.Event()
+
+    def run(self):
+        while not self.done.wait(0.05):
+            try:
+                self.peak = max(self.peak, rss_mb(self.pid))
+            except psutil.Error:
+                return
+
+
+def start_server(port: int, startup_s: float, log=subprocess.DEVNULL) -> subprocess.Popen:
+    """`python app.py` serving on 127.0.0.1:port, its output going to `log` (a file: a pipe nobody reads would
+    fill and stall the server)."""
+    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    env.pop("CAPTIONER_MODEL", None)  # the default: the bundled model
+    server = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + startup_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"app.py exited with status {server.returncode}; its log: {getattr(log, 'name', '-')}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server
+        except OSError:
+            time.sleep(0.5)
+    server.kill()
+    raise RuntimeError(f"app.py did not serve within {startup_s:.0f} s")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def visitor(url: str, index: int, n_images: int, timeout: float, deadline: float) -> list[tuple[str, float, str]]:
+    """One visitor: for each of its scenes, /caption and then /explain of the caption it got.
+    -> [(endpoint, seconds, error or "")]."""
+    from gradio_client import Client, handle_file
+
+    client = Client(url, analytics_enabled=False, verbose=False)
+    calls = []
+    for k in range(n_images):
+        scene = handle_file(SCENES[(index + k) % len(SCENES)])
+        caption = None
+        for api_name in ("/caption", "/explain"):
+            if time.monotonic() > deadline:
+                calls.append((api_name, 0.0, "deadline passed before the request"))
+                continue
+            args = (scene,) if api_name == "/caption" else (scene, caption or "a small red circle")
+            start = time.perf_counter()
+            try:
+                result = client.submit(*args, api_name=api_name).result(timeout=timeout)[RESULT]
+                caption = result["caption"] if api_name == "/caption" else caption
+                calls.append((api_name, time.perf_counter() - start, "" if result["words"] else "empty caption"))
+            except Exception as e:  # a load test counts every failure, whatever it is
+                calls.append((api_name, time.perf_counter() - start, f"{type(e).__name__}: {e}"))
+    return calls
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=20, help="visitors at once")
+    ap.add_argument("--images", type=int, default=3, help="scenes each visitor captions and explains")
+    ap.add_argument("--rounds", type=int, default=1, help="times the visitors come, on the same server")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds one request may take")
+    ap.add_argument("--deadline", type=float, default=600, help="seconds the whole run may take")
+    ap.add_argument("--startup", type=float, default=120, help="seconds app.py may take to start serving")
+    args = ap.parse_args(argv)
+
+    port = free_port()
+    log = tempfile.NamedTemporaryFile("w+", prefix="loadtest-server-", suffix=".log", delete=False)
+    server = start_server(port, args.startup, log)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        visitor(url, 0, 1, args.timeout, time.monotonic() + args.timeout)  # warm-up: first call pays lazy costs
+        idle = [rss_mb(server.pid)]  # after the warm-up, then after each round
+        sampler = Sampler(server.pid)
+        sampler.start()
+        wall, deadline, calls = 0.0, time.monotonic() + args.deadline, []
+        for _ in range(args.rounds):  # the same server again: does memory level off or keep growing?
+            start = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                futures = [pool.submit(visitor, url, i, args.images, args.timeout, deadline)
+                           for i in range(args.clients)]
+                calls += [call for f in futures for call in f.result()]
+            wall += time.perf_counter() - start
+            time.sleep(1)
+            idle.append(rss_mb(server.pid))
+        sampler.done.set()
+        sampler.join()
+    finally:
+        stop_server(server)
+
+    ok = [s for _, s, err in calls if not err]
+    errors = [(api, err) for api, _, err in calls if err]
+    rows = [("all", [s for _, s, err in calls if not err])] + \
+        [(api, [s for a, s, err in calls if a == api and not err]) for api in ("/caption", "/explain")]
+    print(f"\n{args.rounds} x {args.clients} visitors x {args.images} scenes x (/caption + /explain), bundled model, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs\n")
+    print("| endpoint | requests | errors | requests/s | p50 s | p95 s | max s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, secs in rows:
+        n_err = sum(1 for api, _ in errors if name in ("all", api))
+        if secs:
+            print(f"| {name} | {len(secs) + n_err} | {n_err} | {len(secs) / wall:.2f} | {percentile(secs, 50):.2f} | "
+                  f"{percentile(secs, 95):.2f} | {max(secs):.2f} |")
+        else:
+            print(f"| {name} | {n_err} | {n_err} | 0 | - | - | - |")
+    print(f"\nwall {wall:.1f} s · server RSS: idle before {idle[0]:.0f} MB · peak {sampler.peak:.0f} MB · "
+          "idle after " + " / ".join(f"round {k + 1} {mb:.0f} MB" for k, mb in enumerate(idle[1:])))
+    for api, err in errors[:10]:
+        print(f"error {api}: {err[:300]}")
+    if errors:
+        print(f"server log: {log.name}")
+    else:
+        os.remove(log.name)
+    return 1 if errors or not ok else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
