@@ -42,7 +42,8 @@ def random_bpe_tokenizer(vocab_size: int, seed: int = 0) -> PreTrainedTokenizerF
     pairs): GPT-2's tokenizer shape (vocab_size=50257) for benchmarks, with nothing to download or train.
 
     A merge joins a short token (under 8 characters) with a byte or another short token, so tokens stay a few
-    characters long, as in a real vocabulary; what they spell means nothing.
+    characters long, as in a real vocabulary, and a third of the merges start a word (space + byte), so random
+    captions have words; what they spell means nothing.
     """
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 characters standing for bytes
     vocab = {t: i for i, t in enumerate([PAD, BOS, EOS, UNK, *alphabet])}
@@ -51,7 +52,7 @@ def random_bpe_tokenizer(vocab_size: int, seed: int = 0) -> PreTrainedTokenizerF
     rng = random.Random(seed)
     short, merges = list(alphabet), []
     while len(vocab) < vocab_size:
-        a = rng.choice(short)
+        a = "\u0120" if rng.random() < 0.3 else rng.choice(short)  # Ġ: the byte-level space
         b = rng.choice(alphabet) if rng.random() < 0.7 else rng.choice(short)
         if a + b in vocab:
             continue

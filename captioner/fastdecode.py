@@ -1,0 +1,254 @@
+"""Greedy and beam-search decoding for ViT + GPT-2 captioners: the tokens `generate` gives, in less time.
+
+Why a loop of our own: `generate` expands the encoder output to one copy per beam, computes every layer's
+cross-attention keys and values on each copy, and reorders all of them every step (`index_select` is 39 % of
+vit-gpt2's beam-4 time on a CPU), though all beams of an image read the same encoder output. Here each layer's
+cross-attention K/V are computed once per image and never move: the beams of an image are the query rows of one
+attention call against them. Only the small self-attention cache follows the beams.
+
+Why the weight layout matters: decoding multiplies a few rows (the beams) by every weight matrix, so it is
+bound by how fast the weights stream from memory. GPT-2's `Conv1D` stores W (in, out) contiguous, and x @ W for
+4 rows reads it at a third of the bandwidth (8 GB/s on 2 cores); W stored (out, in) times x^T, split into one
+block of output rows per thread, reads it at 25 GB/s (12 vs 29 GB/s for greedy's single row). `Captioner` lays
+the Conv1D weights out (out, in) once (`conv1d_out_in`: same shape, values and state_dict, no extra memory) and
+`_linear` below does the products.
+
+The bookkeeping is a transcription of transformers 5.23's `_beam_search` (top 2*beams continuations, finished
+hypotheses scored by sum(logp) / length**length_penalty, its early-stopping heuristic) and of greedy `_sample`,
+down to the order of the `topk` calls, so ties break the same way. The GPT-2 blocks run through their own
+submodules (`c_attn`, `q_attn`, `c_proj`, `mlp`, layer norms); layers that are not float nn.Linear (Conv1D,
+int8) are simply called, so a quantised model decodes here unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GPT2LMHeadModel
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.pytorch_utils import Conv1D
+
+# Generation-config fields that add a logits processor or stopping rule when set. The fast path reproduces
+# plain greedy and beam search only, so any of these set to something else sends decoding back to `generate`.
+NEUTRAL = {
+    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "min_length": (None, 0),
+    "min_new_tokens": (None, 0), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+    "exponential_decay_length_penalty": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+    "sequence_bias": (None,), "guidance_scale": (None, 1.0), "renormalize_logits": (None, False),
+    "remove_invalid_values": (None, False), "watermarking_config": (None,), "max_time": (None,),
+    "stop_strings": (None,), "num_beam_groups": (None, 1), "diversity_penalty": (None, 0.0),
+    "low_memory": (None, False), "token_healing": (None, False), "penalty_alpha": (None, 0.0),
+    "dola_layers": (None,), "constraints": (None,), "force_words_ids": (None,), "use_mtp": (None, False),
+    "prompt_lookup_num_tokens": (None,), "assistant_early_exit": (None,), "speculation_type": (None,),
+}
+
+
+def unsupported(model, do_sample: bool) -> str | None:
+    """Why the fast path cannot reproduce `model.generate` for these settings, or None when it can."""
+    if do_sample:
+        return "sampling"
+    if not isinstance(getattr(model, "decoder", None), GPT2LMHeadModel):
+        return f"decoder is {type(getattr(model, 'decoder', None)).__name__}, not GPT-2"
+    if not model.decoder.config.add_cross_attention:
+        return "decoder has no cross-attention"
+    gen = model.generation_config
+    for name, neutral in NEUTRAL.items():
+        if getattr(gen, name, None) not in neutral:
+            return f"generation config sets {name}"
+    eos = gen.eos_token_id
+    if isinstance(eos, list) and len(eos) != 1:
+        return "several EOS tokens"
+    return None
+
+
+def conv1d_out_in(model: nn.Module) -> nn.Module:
+    """Store every transformers `Conv1D` weight (in, out) as the transpose of a contiguous (out, in) tensor, in
+    place: same shape, values and state_dict (checkpoints stay GPT-2's), the memory layout `_linear` streams
+    fastest. Returns model."""
+    for module in model.modules():
+        if isinstance(module, Conv1D) and module.weight.is_contiguous():
+            w = module.weight
+            module.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
+    return model
+
+
+def _linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """layer(x) for a few rows x (M, K) -> (M, N). Float weights laid out (out, in) run as W (N, K) @ x^T in one
+    block of output rows per thread (bmm parallelises over blocks): the way that streams W at full bandwidth."""
+    w = layer.weight if type(layer) is nn.Linear else layer.weight.t() if type(layer) is Conv1D else None
+    if w is None or not w.is_contiguous():  # int8 layers, Conv1D left (in, out): as they are
+        return layer(x)
+    T = torch.get_num_threads()
+    (N, K), M = w.shape, x.shape[0]
+    n = N - N % T  # rows that split evenly over the threads; the rest (vocab 50257) goes alone
+    out = torch.bmm(w[:n].view(T, n // T, K), x.t().expand(T, K, M)).view(n, M)  # (n, M)
+    if n < N:
+        out = torch.cat((out, w[n:] @ x.t()))  # (N, M)
+    out = out.t().contiguous()  # (M, N)
+    return out if layer.bias is None else out.add_(layer.bias)
+
+
+@torch.no_grad()
+def cross_keys_values(model, encoder_hidden: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Each decoder layer's cross-attention keys and values for encoder outputs (B, N, D): L pairs of (B, H, N, hd),
+    computed once per image and shared by all its beams (and by the forced pass, via `cross_cache`). None when
+    the decoder is not a GPT-2 with cross-attention."""
+    dec = getattr(model, "decoder", None)
+    if not isinstance(dec, GPT2LMHeadModel) or not dec.config.add_cross_attention:
+        return None
+    cfg = dec.config
+    if model.encoder.config.hidden_size != cfg.hidden_size and \
+            getattr(cfg, "cross_attention_hidden_size", None) is None:
+        encoder_hidden = model.enc_to_dec_proj(encoder_hidden)  # as VisionEncoderDecoderModel.forward does
+    B, N, _ = encoder_hidden.shape
+    H, hd = cfg.n_head, cfg.n_embd // cfg.n_head
+    cross = []
+    for block in dec.transformer.h:
+        k, v = block.crossattention.c_attn(encoder_hidden).split(cfg.n_embd, dim=2)  # (B, N, D) each
+        cross.append((k.view(B, N, H, hd).transpose(1, 2), v.view(B, N, H, hd).transpose(1, 2)))
+    return cross
+
+
+def cross_cache(cross: list[tuple[torch.Tensor, torch.Tensor]]) -> EncoderDecoderCache:
+    """A transformers cache already holding these cross-attention K/V (one image's, (1, H, N, hd) per layer): a
+    forward pass given it skips recomputing them and gives bit-identical outputs."""
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    for layer, (k, v) in enumerate(cross):
+        cache.cross_attention_cache.update(k, v, layer)
+        cache.is_updated[layer] = True
+    return cache
+
+
+class _GPT2Steps:
+    """One GPT-2 decoding step at a time for R rows (beams of B images), with its own self-attention cache.
+
+    Row r belongs to image r // (R // B): rows of an image are contiguous, so its beams' cross-attention is one
+    (B, H, R/B, hd) x (B, H, N, hd) attention call against K/V computed once.
+    """
+
+    def __init__(self, model, cross: list[tuple[torch.Tensor, torch.Tensor]], max_rows: int, max_len: int):
+        dec = model.decoder
+        self.gpt, self.lm_head = dec.transformer, dec.lm_head
+        self.H, self.D = dec.config.n_head, dec.config.n_embd
+        self.hd = self.D // self.H
+        self.cross, self.B = cross, cross[0][0].shape[0]  # per layer (K, V), each (B, H, N, hd)
+        like = cross[0][0]
+        self.keys = [like.new_empty(max_rows, self.H, max_len, self.hd) for _ in self.gpt.h]  # (R, H, T, hd)
+        self.values = [like.new_empty(max_rows, self.H, max_len, self.hd) for _ in self.gpt.h]
+        self.t = 0  # tokens already in the cache
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (R, V) float32 for token ids (R,) at position self.t."""
+        R, t, H, hd = ids.shape[0], self.t, self.H, self.hd
+        pos = torch.full((1,), t, dtype=torch.long, device=ids.device)
+        x = self.gpt.wte(ids) + self.gpt.wpe(pos)  # (R, D)
+        for block, (ck, cv), kc, vc in zip(self.gpt.h, self.cross, self.keys, self.values):
+            attn = block.attn
+            q, k, v = _linear(block.ln_1(x), attn.c_attn).split(self.D, dim=1)  # (R, D) each
+            kc[:R, :, t] = k.view(R, H, hd)
+            vc[:R, :, t] = v.view(R, H, hd)
+            a = F.scaled_dot_product_attention(q.view(R, H, 1, hd), kc[:R, :, :t + 1], vc[:R, :, :t + 1],
+                                               scale=attn.scaling)  # (R, H, 1, hd): the newest token sees all
+            x = x + _linear(a.reshape(R, self.D), attn.c_proj)
+            cross = block.crossattention
+            q = _linear(block.ln_cross_attn(x), cross.q_attn)  # (R, D)
+            q = q.view(self.B, R // self.B, H, hd).transpose(1, 2)  # (B, H, R/B, hd): an image's beams as queries
+            a = F.scaled_dot_product_attention(q, ck, cv, scale=cross.scaling)  # (B, H, R/B, hd)
+            x = x + _linear(a.transpose(1, 2).reshape(R, self.D), cross.c_proj)
+            mlp = block.mlp
+            x = x + _linear(mlp.act(_linear(block.ln_2(x), mlp.c_fc)), mlp.c_proj)  # dropout: eval, none
+        self.t += 1
+        return _linear(self.gpt.ln_f(x), self.lm_head).float()  # (R, V)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i of the cache becomes old row rows[i] (beams that survived, possibly duplicated)."""
+        R, t = rows.shape[0], self.t
+        for cache in (*self.keys, *self.values):
+            cache[:R, :, :t] = cache[rows, :, :t]  # (R, H, t, hd); advanced indexing copies before the write
+
+
+@torch.inference_mode()
+def greedy(model, encoder_hidden: torch.Tensor, max_new_tokens: int, start_token_id: int, eos_token_id: int,
+           cross: list | None = None) -> list[list[int]]:
+    """Greedy captions for a batch of encoder outputs (B, N, D): per image the tokens after the start token,
+    cut before the first EOS. cross: `cross_keys_values` of these outputs, if already computed."""
+    B = encoder_hidden.shape[0]
+    steps = _GPT2Steps(model, cross or cross_keys_values(model, encoder_hidden), B, max_new_tokens)
+    ids = torch.full((B,), start_token_id, dtype=torch.long, device=encoder_hidden.device)
+    out = []  # (steps, B)
+    unfinished = torch.ones(B, dtype=torch.bool, device=ids.device)
+    for _ in range(max_new_tokens):
+        ids = steps.step(ids).argmax(-1)  # (B,): generate's argmax over float32 logits
+        out.append(ids)
+        unfinished &= ids != eos_token_id
+        if not unfinished.any():
+            break
+    tokens = torch.stack(out, 1).tolist()  # (B, steps)
+    return [row[: row.index(eos_token_id)] if eos_token_id in row else row for row in tokens]
+
+
+@torch.inference_mode()
+def beam_search(model, encoder_hidden: torch.Tensor, max_new_tokens: int, num_beams: int, start_token_id: int,
+                eos_token_id: int, length_penalty: float = 1.0, early_stopping: bool | str = False,
+                cross: list | None = None) -> list[list[int]]:
+    """The best beam per image for a batch of encoder outputs (B, N, D), as `generate(num_beams=...)` picks it:
+    tokens after the start token, cut before the first EOS. cross: as for `greedy`."""
+    B, nb, device = encoder_hidden.shape[0], num_beams, encoder_hidden.device
+    K = 2 * nb  # continuations kept per step: enough that nb survive even if nb of them end in EOS
+    max_length = 1 + max_new_tokens  # the start token is the decoder prompt
+    steps = _GPT2Steps(model, cross or cross_keys_values(model, encoder_hidden), B * nb, max_length)
+    running = torch.full((B, nb, max_length), eos_token_id, dtype=torch.long, device=device)  # token histories
+    running[:, :, 0] = start_token_id
+    running_scores = torch.zeros(B, nb, device=device)  # sum of logp of each running beam
+    running_scores[:, 1:] = -1e9  # all beams start identical: only the first may propose continuations
+    finished = running.clone()  # the best nb finished hypotheses per image
+    finished_scores = torch.full((B, nb), -1e9, device=device)
+    finished_len = torch.ones(B, nb, dtype=torch.long, device=device)  # tokens incl. start
+    is_finished = torch.zeros(B, nb, dtype=torch.bool, device=device)
+    can_improve = torch.ones(B, 1, dtype=torch.bool, device=device)
+    top_nb = torch.arange(K, device=device) < nb  # only the top nb continuations may be finalised
+    image_offset = torch.arange(B, device=device)[:, None]  # (B, 1)
+    ids = torch.full((B,), start_token_id, dtype=torch.long, device=device)  # step 0: one row per image
+    cur_len = 1
+    while True:
+        logp = steps.step(ids).log_softmax(-1)  # (R, V), R = B at step 0 and B*nb after
+        V = logp.shape[-1]
+        logp = logp.view(B, -1, V).expand(B, nb, V) + running_scores[:, :, None]  # (B, nb, V)
+        top_scores, top_index = torch.topk(logp.reshape(B, nb * V), k=K)  # (B, K)
+        top_beam, top_ids = top_index // V, top_index % V  # (B, K) each
+        top_seqs = torch.take_along_dim(running, top_beam[:, :, None], dim=1)  # (B, K, max_length)
+        top_seqs[:, :, cur_len] = top_ids
+        done = (top_ids == eos_token_id) | (cur_len + 1 >= max_length)  # (B, K): EOS or length limit
+        # the nb best unfinished continuations run on
+        running_candidates = top_scores + done.to(torch.float32) * -1.0e9
+        keep = torch.topk(running_candidates, k=nb)[1]  # (B, nb)
+        running = torch.take_along_dim(top_seqs, keep[:, :, None], dim=1)
+        running_scores = torch.take_along_dim(running_candidates, keep, dim=1)
+        source_beam = torch.take_along_dim(top_beam, keep, dim=1)  # (B, nb)
+        # finished continuations among the top nb join the finished set if they beat its worst
+        just_finished = done & top_nb[None, :]
+        scores = top_scores / ((cur_len + 1 - 1) ** length_penalty)
+        scores += (torch.all(is_finished, dim=-1, keepdim=True) & (early_stopping is True)).to(torch.float32) * -1.0e9
+        scores += (~can_improve).to(torch.float32) * -1.0e9
+        scores += (~just_finished) * -1.0e9
+        best = torch.topk(torch.cat((finished_scores, scores), dim=1), k=nb)[1]  # (B, nb)
+        finished = torch.take_along_dim(torch.cat((finished, top_seqs), dim=1), best[:, :, None], dim=1)
+        finished_scores = torch.take_along_dim(torch.cat((finished_scores, scores), dim=1), best, dim=1)
+        finished_len = torch.take_along_dim(
+            torch.cat((finished_len, torch.full_like(top_ids, cur_len + 1)), dim=1), best, dim=1)
+        is_finished = torch.take_along_dim(torch.cat((is_finished, just_finished), dim=1), best, dim=1)
+        cur_len += 1
+        # generate's heuristic: could the best running beam still beat the worst finished one?
+        length = max_length - 1 if early_stopping == "never" and length_penalty > 0.0 else cur_len - 1
+        best_possible = running_scores[:, :1] / (length ** length_penalty)
+        worst = torch.where(is_finished, torch.min(finished_scores, dim=1, keepdim=True)[0], -1.0e9)
+        can_improve = can_improve & torch.any(best_possible > worst, dim=-1, keepdim=True)
+        if not (can_improve.any() and not (is_finished.all() and early_stopping is True) and not done.all()):
+            break
+        rows_per_image = ids.shape[0] // B  # 1 after step 0 (all beams were one row), nb after
+        steps.reorder((image_offset * rows_per_image + source_beam.clamp(max=rows_per_image - 1)).view(-1))
+        ids = running[:, :, cur_len - 1].reshape(-1)  # (B*nb,)
+    best_seq, best_len = finished[:, 0].tolist(), finished_len[:, 0].tolist()
+    captions = [seq[1:n] for seq, n in zip(best_seq, best_len)]
+    return [c[: c.index(eos_token_id)] if eos_token_id in c else c for c in captions]
