@@ -228,7 +228,7 @@ def beam_search(model, encoder_hidden: torch.Tensor, max_new_tokens: int, num_be
         source_beam = torch.take_along_dim(top_beam, keep, dim=1)  # (B, nb)
         # finished continuations among the top nb join the finished set if they beat its worst
         just_finished = done & top_nb[None, :]
-        scores = top_scores / ((cur_len + 1 - 1) ** length_penalty)
+        scores = top_scores / (cur_len ** length_penalty)  # length: the tokens after the start token
         scores += (torch.all(is_finished, dim=-1, keepdim=True) & (early_stopping is True)).to(torch.float32) * -1.0e9
         scores += (~can_improve).to(torch.float32) * -1.0e9
         scores += (~just_finished) * -1.0e9
@@ -246,7 +246,7 @@ def beam_search(model, encoder_hidden: torch.Tensor, max_new_tokens: int, num_be
         can_improve = can_improve & torch.any(best_possible > worst, dim=-1, keepdim=True)
         if not (can_improve.any() and not (is_finished.all() and early_stopping is True) and not done.all()):
             break
-        rows_per_image = ids.shape[0] // B  # 1 after step 0 (all beams were one row), nb after
+        rows_per_image = ids.shape[0] // B  # 1 if that was step 0 (all beams were one row), else nb
         steps.reorder((image_offset * rows_per_image + source_beam.clamp(max=rows_per_image - 1)).view(-1))
         ids = running[:, :, cur_len - 1].reshape(-1)  # (B*nb,)
     best_seq, best_len = finished[:, 0].tolist(), finished_len[:, 0].tolist()
