@@ -7,7 +7,7 @@ from pathlib import Path
 import gradio as gr
 
 import captioner
-from gradio_inputs import image_input, setting, whole_number
+from gradio_inputs import image_input, page_errors, setting, whole_number
 from captioner import images, render
 from captioner.attention import parse_layers
 
@@ -66,23 +66,12 @@ def _publish(cap: captioner.Captioner, res: captioner.CaptionResult, grid: bool,
     return words, overlay, cls, strip, res.to_json(), info, {"result": res, "model": model}
 
 
-def _guard(fn):
-    """ValueError/RuntimeError from the library become messages on the page and AppErrors for API clients."""
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, RuntimeError) as e:
-            raise gr.Error(str(e)) from None
-    return wrapped
-
-
 def _method(method, layers, head) -> dict:
     return dict(method=method or "attention", layers=parse_layers(layers),
                 head=None if head is None or head < 0 else int(head))
 
 
-@_guard
+@page_errors
 def caption(image, max_new_tokens=None, num_beams=4, do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
             seed=-1, model=None, grid=False, method="attention", layers="all", head=-1):
     cap = get_model(model)
@@ -91,13 +80,13 @@ def caption(image, max_new_tokens=None, num_beams=4, do_sample=False, temperatur
     return _publish(cap, res, grid, model)
 
 
-@_guard
+@page_errors
 def explain(image, text, model=None, grid=False, method="attention", layers="all", head=-1):
     cap = get_model(model)
     return _publish(cap, cap.explain(image, text, **_method(method, layers, head)), grid, model)
 
 
-@_guard
+@page_errors
 def remap(state, grid, method, layers, head):
     """Other maps for the caption on the page: no new generation."""
     if state is None:
@@ -106,7 +95,7 @@ def remap(state, grid, method, layers, head):
     return _publish(cap, cap.remap(state["result"], **_method(method, layers, head)), grid, state["model"])
 
 
-@_guard
+@page_errors
 def heatmap(image, text, word_index=0, model=None, grid=False, method="attention", layers="all", head=-1):
     res = get_model(model).explain(image, text, **_method(method, layers, head))
     if not 0 <= int(word_index) < len(res.words):

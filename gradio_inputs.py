@@ -5,6 +5,8 @@ beside any module that defines a component class.)
 """
 from __future__ import annotations
 
+import functools
+
 import gradio as gr
 
 from captioner.decoding import LIMITS
@@ -62,3 +64,14 @@ def whole_number(param: str, **kwargs) -> gr.Number:
 
     number.preprocess = preprocess
     return number
+
+
+def page_errors(fn):
+    """ValueError/RuntimeError from the library become messages on the page and AppErrors for API clients."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, RuntimeError) as e:
+            raise gr.Error(str(e)) from None
+    return wrapped
