@@ -16,7 +16,8 @@ from .relevance import relevance_rows
 from .words import group_generated, group_typed
 
 METHODS = ("attention", "rollout", "relevance")
-MAX_CAPTION_CHARS = 500  # typed captions; longer ones are refused before tokenising
+MAX_CAPTION_CHARS = 500
+EMPTY_CAPTION = "The model produced an empty caption; try beams or sampling."  # typed captions; longer ones are refused before tokenising
 
 
 @dataclass
@@ -77,8 +78,9 @@ class Captioner:
         return f"Captioner({self.name!r}, device={self.device}, grid={self.grid})"
 
     def pixel_values(self, image) -> torch.Tensor:
-        """Any image the API accepts -> the model's input (1, 3, h, w) on its device and dtype."""
-        pixel_values = self.processor(images=to_rgb(image), return_tensors="pt")["pixel_values"]  # (1, 3, h, w)
+        """Any image the API accepts (or a list of them) -> the model's input (B, 3, h, w) on its device and dtype."""
+        images = [to_rgb(i) for i in image] if isinstance(image, list) else to_rgb(image)
+        pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]  # (B, 3, h, w)
         return pixel_values.to(self.device, self.model.dtype)
 
     def tokenize(self, text: str) -> tuple[list[int], list[list[int]]]:
@@ -185,7 +187,7 @@ class Captioner:
         ids = generate_ids(self.model, enc.last_hidden_state, settings, self.eos_token_id, self.fast_decoding, cross)
         seconds["generate"] = time.perf_counter() - t
         text, words, groups = group_generated(self.tokenizer, ids)
-        notes = [] if words else ["The model produced an empty caption; try beams or sampling."]
+        notes = [] if words else [EMPTY_CAPTION]
         return self._result(rgb, pixel_values, enc, ids, words, groups, asdict(settings), notes, seconds, method,
                             layers, head, cross)
 
@@ -201,8 +203,7 @@ class Captioner:
             return []
         t = time.perf_counter()
         rgbs = [to_rgb(image) for image in images]
-        pixel_values = self.processor(images=rgbs, return_tensors="pt")["pixel_values"]  # (B, 3, h, w)
-        pixel_values = pixel_values.to(self.device, self.model.dtype)
+        pixel_values = self.pixel_values(rgbs)  # (B, 3, h, w)
         enc = self.model.encoder(pixel_values=pixel_values, output_attentions=True)
         encode = (time.perf_counter() - t) / len(rgbs)
         t = time.perf_counter()
@@ -215,7 +216,7 @@ class Captioner:
             one = BaseModelOutput(last_hidden_state=enc.last_hidden_state[i:i + 1],
                                   attentions=tuple(a[i:i + 1] for a in enc.attentions))  # image i's (1, ...)
             text, words, groups = group_generated(self.tokenizer, ids)
-            notes = [] if words else ["The model produced an empty caption; try beams or sampling."]
+            notes = [] if words else [EMPTY_CAPTION]
             results.append(self._result(rgb, pixel_values[i:i + 1], one, ids, words, groups, asdict(settings),
                                         notes, {"encode": encode, "generate": generate}, method, layers, head,
                                         cross and [(k[i:i + 1], v[i:i + 1]) for k, v in cross]))
