@@ -48,7 +48,7 @@ def rollout(encoder_attentions: tuple[torch.Tensor, ...], head=None) -> torch.Te
     renormalised, and the layers are multiplied from the first to the last.
     """
     stacked = torch.stack([a[0] for a in encoder_attentions]).float()  # (L, H, N, N)
-    eye = torch.eye(stacked.shape[-1])
+    eye = torch.eye(stacked.shape[-1], device=stacked.device)
     joint = eye
     for layer in range(stacked.shape[0]):
         a = _select(stacked, [layer], head)  # (N, N)

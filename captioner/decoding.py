@@ -57,31 +57,31 @@ class GenerationSettings:
 
 
 def generate_ids(model, encoder_hidden: torch.Tensor, settings: GenerationSettings, eos_token_id: int,
-                 fast: bool = True, cross: list | None = None) -> list[int]:
-    """Caption token ids (no start token, cut at the first EOS) for one image's encoder output (1, N, D).
+                 fast: bool = True) -> fastdecode.Decoded:
+    """Caption token ids (no start token, cut at the first EOS) for one image's encoder output (1, N, D), with the
+    cross-attention and log-probability that produced each token when the fast path decoded it (else None).
 
     The encoder ran once already (its attentions give the CLS map), so decoding gets its output instead of
     pixels and never re-encodes. fast=True decodes greedy and beam search with `fastdecode` (the same tokens
-    as `generate`, in less time); everything else, and fast=False, goes through `generate`. cross: the
-    decoder's cross-attention K/V for this output (`fastdecode.cross_keys_values`), if computed already.
+    as `generate`, in less time); everything else, and fast=False, goes through `generate`.
     """
-    return generate_batch(model, encoder_hidden, settings, eos_token_id, fast, cross)[0]
+    return generate_batch(model, encoder_hidden, settings, eos_token_id, fast)[0]
 
 
 @torch.no_grad()
 def generate_batch(model, encoder_hidden: torch.Tensor, settings: GenerationSettings, eos_token_id: int,
-                   fast: bool = True, cross: list | None = None) -> list[list[int]]:
-    """`generate_ids` for a batch of encoder outputs (B, N, D): one list of caption token ids per image."""
+                   fast: bool = True) -> list[fastdecode.Decoded]:
+    """`generate_ids` for a batch of encoder outputs (B, N, D): one `Decoded` per image."""
     gen = model.generation_config
     start = gen.decoder_start_token_id if gen.decoder_start_token_id is not None else gen.bos_token_id
     if fast and start is not None and eos_token_id is not None and \
             fastdecode.unsupported(model, settings.do_sample) is None:
         if settings.num_beams == 1:
-            return fastdecode.greedy(model, encoder_hidden, settings.max_new_tokens, start, eos_token_id, cross)
+            return fastdecode.greedy(model, encoder_hidden, settings.max_new_tokens, start, eos_token_id)
         return fastdecode.beam_search(
             model, encoder_hidden, settings.max_new_tokens, settings.num_beams, start, eos_token_id,
             length_penalty=1.0 if gen.length_penalty is None else gen.length_penalty,
-            early_stopping=False if gen.early_stopping is None else gen.early_stopping, cross=cross)
+            early_stopping=False if gen.early_stopping is None else gen.early_stopping)
     kwargs = dict(max_new_tokens=settings.max_new_tokens, max_length=None, num_beams=settings.num_beams,
                   do_sample=settings.do_sample, num_return_sequences=1)
     if settings.do_sample:
@@ -93,4 +93,5 @@ def generate_batch(model, encoder_hidden: torch.Tensor, settings: GenerationSett
             torch.manual_seed(settings.seed)
         out = model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden), **kwargs)
     rows = out[:, 1:].tolist()  # drop the decoder start token
-    return [ids[: ids.index(eos_token_id)] if eos_token_id in ids else ids for ids in rows]
+    return [fastdecode.Decoded(ids[: ids.index(eos_token_id)] if eos_token_id in ids else ids, None, None)
+            for ids in rows]

@@ -38,8 +38,9 @@ RANDOM_MAP_SEED = 0  # the random-map baseline draws the same noise on every run
 MapFn = Callable[[Captioner, Image.Image, str], np.ndarray]  # (cap, image, caption) -> (W, gh, gw) word maps
 
 
-def attention_maps(cap: Captioner, image, text: str) -> np.ndarray:
-    """The pipeline's word maps for `text` on `image`, (W, gh, gw): the default map source of the pointing game."""
+def default_maps(cap: Captioner, image, text: str) -> np.ndarray:
+    """The pipeline's word maps for `text` on `image` by its default method, (W, gh, gw): the pointing game's
+    default map source."""
     return cap.explain(image, text).word_maps
 
 
@@ -121,7 +122,7 @@ def _rate(hits: Sequence[float]) -> float | None:
 
 def evaluate(cap: Captioner, n_scenes: int = 500, seed_start: int = EVAL_SEEDS_START, num_beams: int = 1,
              progress: bool = True, max_new_tokens: int | None = None,
-             map_fn: MapFn = attention_maps) -> dict:
+             map_fn: MapFn = default_maps) -> dict:
     """Caption and grounding metrics of `cap` on scenes seed_start .. seed_start + n_scenes - 1.
 
     Captions are decoded with `num_beams` (1: greedy) and up to `max_new_tokens` tokens (None: as many as the

@@ -1,31 +1,39 @@
-"""Greedy and beam-search decoding for ViT + GPT-2 captioners: the tokens `generate` gives, in less time.
+"""Greedy and beam-search decoding for ViT + GPT-2 captioners: the tokens `generate` gives, in less time, together
+with the cross-attention and log-probability that produced each token (so a caption needs no second pass for its
+attention maps).
 
 Why a loop of our own: `generate` expands the encoder output to one copy per beam, computes every layer's
-cross-attention keys and values on each copy, and reorders all of them every step (`index_select` is 39 % of
-vit-gpt2's beam-4 time on a CPU), though all beams of an image read the same encoder output. Here each layer's
-cross-attention K/V are computed once per image and never move: the beams of an image are the query rows of one
-attention call against them. Only the small self-attention cache follows the beams.
+cross-attention keys and values on each copy, and reorders all of them every step, though all beams of an image
+read the same encoder output. Here each layer's cross-attention K/V are computed once per image and never move:
+the beams of an image are the query rows of one attention call against them. Only the small self-attention cache
+follows the beams. Each step also keeps its cross-attention probabilities and log-probabilities per row, with the
+row each beam came from, so the winning caption's own attention is read back at the end by following those links.
 
-Why the weight layout matters: decoding multiplies a few rows (the beams) by every weight matrix, so it is
-bound by how fast the weights stream from memory. GPT-2's `Conv1D` stores W (in, out) contiguous, and x @ W for
-4 rows reads it at a third of the bandwidth (8 GB/s on 2 cores); W stored (out, in) times x^T, split into one
-block of output rows per thread, reads it at 25 GB/s (12 vs 29 GB/s for greedy's single row). `Captioner` lays
-the Conv1D weights out (out, in) once (`conv1d_out_in`: same shape, values and state_dict, no extra memory) and
-`_linear` below does the products.
+Why the products are chosen at run time: decoding multiplies a few rows (the beams) by every weight matrix, so it
+is bound by how fast the weights stream from memory, and which kernel streams fastest depends on the CPU, its BLAS
+and the number of rows: on one 2-core Xeon `F.linear` read GPT-2's LM head at 23 GB/s and a bmm split at 8.6; on a
+2-core EPYC the same pair gave 3.1 and 11.0 GB/s with 4 rows, and the order flipped for 1 row. `Kernels` times
+both candidates on the model's own weights the first time a decoding step multiplies a given weight shape by a
+given number of rows, and keeps the faster for the process. GPT-2's `Conv1D` weights are laid out (out, in) in
+memory once (`conv1d_out_in`: same shape, values and state_dict, no extra memory), the layout both candidates read.
 
 The bookkeeping is a transcription of transformers 5.23's `_beam_search` (top 2*beams continuations, finished
 hypotheses scored by sum(logp) / length**length_penalty, its early-stopping heuristic) and of greedy `_sample`,
 down to the order of the `topk` calls, so ties break the same way. The GPT-2 blocks run through their own
-submodules (`c_attn`, `q_attn`, `c_proj`, `mlp`, layer norms); layers that are not float nn.Linear (Conv1D,
-int8) are simply called, so a quantised model decodes here unchanged.
+submodules (`c_attn`, `q_attn`, `c_proj`, `mlp`, layer norms); layers that are not float nn.Linear / Conv1D
+(int8) are simply called, so a quantised model decodes here unchanged.
 """
 from __future__ import annotations
+
+import os
+import time
+import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2LMHeadModel
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.pytorch_utils import Conv1D
 
 # Generation-config fields that add a logits processor or stopping rule when set. The fast path reproduces
@@ -73,26 +81,113 @@ def conv1d_out_in(model: nn.Module) -> nn.Module:
     return model
 
 
-def _linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """layer(x) for a few rows x (M, K) -> (M, N). Float weights laid out (out, in) run as W (N, K) @ x^T in one
-    block of output rows per thread (bmm parallelises over blocks): the way that streams W at full bandwidth."""
+
+KERNELS = ("linear", "bmm")  # F.linear on (out, in) weights; the bmm split below
+
+
+def _weight(layer: nn.Module) -> torch.Tensor | None:
+    """The float weight (out, in), contiguous, of an nn.Linear or a re-laid Conv1D; None for anything else (int8
+    layers, a Conv1D still stored (in, out)), which is then simply called."""
     w = layer.weight if type(layer) is nn.Linear else layer.weight.t() if type(layer) is Conv1D else None
-    if w is None or not w.is_contiguous():  # int8 layers, Conv1D left (in, out): as they are
-        return layer(x)
-    T = torch.get_num_threads()
+    return w if w is not None and w.is_floating_point() and w.is_contiguous() else None
+
+
+def _bmm_split(x: torch.Tensor, w: torch.Tensor, threads: int) -> torch.Tensor:
+    """x (M, K) @ w (N, K)^T -> (M, N), as one block of output rows per thread (bmm parallelises over blocks), the
+    rows that do not divide evenly over the threads (vocab 50257) in one product of their own."""
     (N, K), M = w.shape, x.shape[0]
-    n = N - N % T  # rows that split evenly over the threads; the rest (vocab 50257) goes alone
-    out = torch.bmm(w[:n].view(T, n // T, K), x.t().expand(T, K, M)).view(n, M)  # (n, M)
+    n = N - N % threads
+    out = torch.bmm(w[:n].view(threads, n // threads, K), x.t().expand(threads, K, M)).view(n, M)  # (n, M)
     if n < N:
         out = torch.cat((out, w[n:] @ x.t()))  # (N, M)
-    out = out.t().contiguous()  # (M, N)
-    return out if layer.bias is None else out.add_(layer.bias)
+    return out.t().contiguous()  # (M, N)
+
+
+class Kernels:
+    """For each (weight shape, number of rows, threads): the faster of `F.linear` and the bmm split on this machine.
+
+    The first product of a shape and row count times both candidates over all of the model's weights of that
+    shape (so the weights stream from memory as in decoding, not from cache), best of 3 each, and keeps the faster
+    for the life of the model; the bmm split must win by 5 % to replace the stock kernel. GPUs use `F.linear`.
+    force ("linear" or "bmm", or $CAPTIONER_KERNEL) skips the timing: for tests and comparisons.
+    """
+
+    def __init__(self, model: nn.Module, force: str | None = None):
+        self.force = force or os.environ.get("CAPTIONER_KERNEL") or None
+        if self.force not in (None, *KERNELS):
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.force!r}.")
+        self.by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}  # (N, K) -> the weights of that shape
+        for module in model.modules():
+            w = _weight(module)
+            if w is not None:
+                self.by_shape.setdefault(tuple(w.shape), []).append(w)
+        self.chosen: dict[tuple[int, int, int, int], tuple[str, dict[str, float]]] = {}  # key -> (kernel, GB/s)
+
+    def linear(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        """layer(x) for a few rows x (M, K) -> (M, N), by the kernel chosen for this shape and M."""
+        w = _weight(layer)
+        if w is None:
+            return layer(x)
+        kernel = self.force or self.choose(w, x.shape[0])
+        out = F.linear(x, w) if kernel == "linear" else _bmm_split(x, w, torch.get_num_threads())
+        return out if layer.bias is None else out.add_(layer.bias)
+
+    def choose(self, w: torch.Tensor, rows: int) -> str:
+        if w.device.type != "cpu":
+            return "linear"
+        key = (*w.shape, rows, torch.get_num_threads())
+        if key not in self.chosen:
+            self.chosen[key] = self._time(w, rows)
+        return self.chosen[key][0]
+
+    def _time(self, w: torch.Tensor, rows: int) -> tuple[str, dict[str, float]]:
+        weights = self.by_shape.get(tuple(w.shape), [w])
+        x = torch.randn(rows, w.shape[1], dtype=w.dtype)
+        threads = torch.get_num_threads()
+        run = {"linear": lambda m: F.linear(x, m), "bmm": lambda m: _bmm_split(x, m, threads)}
+        best = {name: float("inf") for name in run}
+        with torch.inference_mode():
+            for name in run:  # warm-up
+                run[name](weights[0])
+            for _ in range(3):
+                for name, fn in run.items():  # alternate, so neither always finds the other's data in cache
+                    t = time.perf_counter()
+                    for m in weights:
+                        fn(m)
+                    best[name] = min(best[name], time.perf_counter() - t)
+        nbytes = sum(m.numel() * m.element_size() for m in weights)
+        speed = {name: nbytes / seconds / 1e9 for name, seconds in best.items()}  # GB/s
+        return ("bmm" if best["bmm"] < 0.95 * best["linear"] else "linear"), speed
+
+    def summary(self) -> list[str]:
+        """One line per choice made so far: shape, rows, threads, kernel, and both candidates' GB/s."""
+        return [f"{n}x{k} weight, {m} row{'s' if m > 1 else ''}, {t} threads: {kernel} "
+                f"({', '.join(f'{name} {v:.1f} GB/s' for name, v in speed.items())})"
+                for (n, k, m, t), (kernel, speed) in sorted(self.chosen.items())]
+
+
+_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its Kernels
+
+
+def kernels_for(model: nn.Module) -> Kernels:
+    """The model's `Kernels`, made once per model (its timings are kept with it)."""
+    if model not in _KERNELS:
+        _KERNELS[model] = Kernels(model.decoder if hasattr(model, "decoder") else model)
+    return _KERNELS[model]
+
+
+@dataclass
+class Decoded:
+    """One caption as decoding produced it."""
+    ids: list[int]  # caption tokens after the start token, cut before the first EOS
+    cross: torch.Tensor | None  # (T, L, H, N) cross-attention of the query that produced each token; None: unknown
+    logp: torch.Tensor | None  # (T,) log-probability of each token when it was chosen; None: unknown
 
 
 @torch.no_grad()
 def cross_keys_values(model, encoder_hidden: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """Each decoder layer's cross-attention keys and values for encoder outputs (B, N, D): L pairs of (B, H, N, hd),
-    computed once per image and shared by all its beams (and by the forced pass, via `cross_cache`). None when
+    computed once per image and shared by all its beams. None when
     the decoder is not a GPT-2 with cross-attention."""
     dec = getattr(model, "decoder", None)
     if not isinstance(dec, GPT2LMHeadModel) or not dec.config.add_cross_attention:
@@ -110,56 +205,54 @@ def cross_keys_values(model, encoder_hidden: torch.Tensor) -> list[tuple[torch.T
     return cross
 
 
-def cross_cache(cross: list[tuple[torch.Tensor, torch.Tensor]]) -> EncoderDecoderCache:
-    """A transformers cache already holding these cross-attention K/V (one image's, (1, H, N, hd) per layer): a
-    forward pass given it skips recomputing them and gives bit-identical outputs."""
-    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-    for layer, (k, v) in enumerate(cross):
-        cache.cross_attention_cache.update(k, v, layer)
-        cache.is_updated[layer] = True
-    return cache
-
 
 class _GPT2Steps:
     """One GPT-2 decoding step at a time for R rows (beams of B images), with its own self-attention cache.
 
     Row r belongs to image r // (R // B): rows of an image are contiguous, so its beams' cross-attention is one
-    (B, H, R/B, hd) x (B, H, N, hd) attention call against K/V computed once.
+    (B, H, R/B, hd) x (B, H, N, hd) attention call against K/V computed once. Each step's cross-attention
+    probabilities are kept in `attn` ((R, L, H, N) per step, rows as they were at that step).
     """
 
     def __init__(self, model, cross: list[tuple[torch.Tensor, torch.Tensor]], max_rows: int, max_len: int):
         dec = model.decoder
         self.gpt, self.lm_head = dec.transformer, dec.lm_head
+        self.linear = kernels_for(model).linear
         self.H, self.D = dec.config.n_head, dec.config.n_embd
         self.hd = self.D // self.H
         self.cross, self.B = cross, cross[0][0].shape[0]  # per layer (K, V), each (B, H, N, hd)
         like = cross[0][0]
         self.keys = [like.new_empty(max_rows, self.H, max_len, self.hd) for _ in self.gpt.h]  # (R, H, T, hd)
         self.values = [like.new_empty(max_rows, self.H, max_len, self.hd) for _ in self.gpt.h]
+        self.attn: list[torch.Tensor] = []  # per step (R, L, H, N)
         self.t = 0  # tokens already in the cache
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits (R, V) float32 for token ids (R,) at position self.t."""
-        R, t, H, hd = ids.shape[0], self.t, self.H, self.hd
+        R, t, H, hd, linear = ids.shape[0], self.t, self.H, self.hd, self.linear
         pos = torch.full((1,), t, dtype=torch.long, device=ids.device)
         x = self.gpt.wte(ids) + self.gpt.wpe(pos)  # (R, D)
+        probs = []
         for block, (ck, cv), kc, vc in zip(self.gpt.h, self.cross, self.keys, self.values):
             attn = block.attn
-            q, k, v = _linear(block.ln_1(x), attn.c_attn).split(self.D, dim=1)  # (R, D) each
+            q, k, v = linear(block.ln_1(x), attn.c_attn).split(self.D, dim=1)  # (R, D) each
             kc[:R, :, t] = k.view(R, H, hd)
             vc[:R, :, t] = v.view(R, H, hd)
             a = F.scaled_dot_product_attention(q.view(R, H, 1, hd), kc[:R, :, :t + 1], vc[:R, :, :t + 1],
                                                scale=attn.scaling)  # (R, H, 1, hd): the newest token sees all
-            x = x + _linear(a.reshape(R, self.D), attn.c_proj)
+            x = x + linear(a.reshape(R, self.D), attn.c_proj)
             cross = block.crossattention
-            q = _linear(block.ln_cross_attn(x), cross.q_attn)  # (R, D)
+            q = linear(block.ln_cross_attn(x), cross.q_attn)  # (R, D)
             q = q.view(self.B, R // self.B, H, hd).transpose(1, 2)  # (B, H, R/B, hd): an image's beams as queries
-            a = F.scaled_dot_product_attention(q, ck, cv, scale=cross.scaling)  # (B, H, R/B, hd)
-            x = x + _linear(a.transpose(1, 2).reshape(R, self.D), cross.c_proj)
+            p = (q @ ck.transpose(-1, -2) * cross.scaling).softmax(-1).to(cv.dtype)  # (B, H, R/B, N), as eager
+            a = p @ cv  # (B, H, R/B, hd)
+            probs.append(p.transpose(1, 2).reshape(R, H, -1))  # (R, H, N)
+            x = x + linear(a.transpose(1, 2).reshape(R, self.D), cross.c_proj)
             mlp = block.mlp
-            x = x + _linear(mlp.act(_linear(block.ln_2(x), mlp.c_fc)), mlp.c_proj)  # dropout: eval, none
+            x = x + linear(mlp.act(linear(block.ln_2(x), mlp.c_fc)), mlp.c_proj)  # dropout: eval, none
+        self.attn.append(torch.stack(probs, 1))  # (R, L, H, N)
         self.t += 1
-        return _linear(self.gpt.ln_f(x), self.lm_head).float()  # (R, V)
+        return linear(self.gpt.ln_f(x), self.lm_head).float()  # (R, V)
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Row i of the cache becomes old row rows[i] (beams that survived, possibly duplicated)."""
@@ -168,32 +261,42 @@ class _GPT2Steps:
             cache[:R, :, :t] = cache[rows, :, :t]  # (R, H, t, hd); advanced indexing copies before the write
 
 
+def _cut(ids: list[int], cross: torch.Tensor, logp: torch.Tensor, eos_token_id: int) -> Decoded:
+    n = ids.index(eos_token_id) if eos_token_id in ids else len(ids)
+    return Decoded(ids[:n], cross[:n], logp[:n])
+
+
 @torch.inference_mode()
 def greedy(model, encoder_hidden: torch.Tensor, max_new_tokens: int, start_token_id: int, eos_token_id: int,
-           cross: list | None = None) -> list[list[int]]:
-    """Greedy captions for a batch of encoder outputs (B, N, D): per image the tokens after the start token,
-    cut before the first EOS. cross: `cross_keys_values` of these outputs, if already computed."""
+           cross: list | None = None) -> list[Decoded]:
+    """Greedy captions for a batch of encoder outputs (B, N, D): per image the tokens after the start token, cut
+    before the first EOS, with their attention and log-probabilities. cross: `cross_keys_values` of these outputs,
+    if already computed."""
     B = encoder_hidden.shape[0]
     steps = _GPT2Steps(model, cross or cross_keys_values(model, encoder_hidden), B, max_new_tokens)
     ids = torch.full((B,), start_token_id, dtype=torch.long, device=encoder_hidden.device)
-    out = []  # (steps, B)
+    out, logps = [], []  # per step (B,)
     unfinished = torch.ones(B, dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):
-        ids = steps.step(ids).argmax(-1)  # (B,): generate's argmax over float32 logits
+        logits = steps.step(ids)  # (B, V)
+        ids = logits.argmax(-1)  # (B,): generate's argmax over float32 logits
         out.append(ids)
+        logps.append(logits.log_softmax(-1).gather(1, ids[:, None])[:, 0])
         unfinished &= ids != eos_token_id
         if not unfinished.any():
             break
     tokens = torch.stack(out, 1).tolist()  # (B, steps)
-    return [row[: row.index(eos_token_id)] if eos_token_id in row else row for row in tokens]
+    attn, logp = torch.stack(steps.attn, 1), torch.stack(logps, 1)  # (B, steps, L, H, N), (B, steps)
+    return [_cut(row, attn[b], logp[b], eos_token_id) for b, row in enumerate(tokens)]
 
 
 @torch.inference_mode()
 def beam_search(model, encoder_hidden: torch.Tensor, max_new_tokens: int, num_beams: int, start_token_id: int,
                 eos_token_id: int, length_penalty: float = 1.0, early_stopping: bool | str = False,
-                cross: list | None = None) -> list[list[int]]:
+                cross: list | None = None) -> list[Decoded]:
     """The best beam per image for a batch of encoder outputs (B, N, D), as `generate(num_beams=...)` picks it:
-    tokens after the start token, cut before the first EOS. cross: as for `greedy`."""
+    tokens after the start token, cut before the first EOS, with the attention and log-probability of the beam
+    rows that produced them. cross: as for `greedy`."""
     B, nb, device = encoder_hidden.shape[0], num_beams, encoder_hidden.device
     K = 2 * nb  # continuations kept per step: enough that nb survive even if nb of them end in EOS
     max_length = 1 + max_new_tokens  # the start token is the decoder prompt
@@ -205,18 +308,22 @@ def beam_search(model, encoder_hidden: torch.Tensor, max_new_tokens: int, num_be
     finished = running.clone()  # the best nb finished hypotheses per image
     finished_scores = torch.full((B, nb), -1e9, device=device)
     finished_len = torch.ones(B, nb, dtype=torch.long, device=device)  # tokens incl. start
+    finished_row = torch.zeros(B, nb, dtype=torch.long, device=device)  # the decoder row of its last step
     is_finished = torch.zeros(B, nb, dtype=torch.bool, device=device)
     can_improve = torch.ones(B, 1, dtype=torch.bool, device=device)
     top_nb = torch.arange(K, device=device) < nb  # only the top nb continuations may be finalised
     image_offset = torch.arange(B, device=device)[:, None]  # (B, 1)
     ids = torch.full((B,), start_token_id, dtype=torch.long, device=device)  # step 0: one row per image
+    logps, parents = [], [None]  # per step: (R, V) log-probabilities; the row each row continues (step 0: none)
     cur_len = 1
     while True:
         logp = steps.step(ids).log_softmax(-1)  # (R, V), R = B at step 0 and B*nb after
-        V = logp.shape[-1]
+        logps.append(logp)
+        V, rows_per_image = logp.shape[-1], ids.shape[0] // B  # 1 at step 0 (all beams are one row), else nb
         logp = logp.view(B, -1, V).expand(B, nb, V) + running_scores[:, :, None]  # (B, nb, V)
         top_scores, top_index = torch.topk(logp.reshape(B, nb * V), k=K)  # (B, K)
         top_beam, top_ids = top_index // V, top_index % V  # (B, K) each
+        top_row = image_offset * rows_per_image + top_beam.clamp(max=rows_per_image - 1)  # (B, K): its decoder row
         top_seqs = torch.take_along_dim(running, top_beam[:, :, None], dim=1)  # (B, K, max_length)
         top_seqs[:, :, cur_len] = top_ids
         done = (top_ids == eos_token_id) | (cur_len + 1 >= max_length)  # (B, K): EOS or length limit
@@ -225,7 +332,7 @@ def beam_search(model, encoder_hidden: torch.Tensor, max_new_tokens: int, num_be
         keep = torch.topk(running_candidates, k=nb)[1]  # (B, nb)
         running = torch.take_along_dim(top_seqs, keep[:, :, None], dim=1)
         running_scores = torch.take_along_dim(running_candidates, keep, dim=1)
-        source_beam = torch.take_along_dim(top_beam, keep, dim=1)  # (B, nb)
+        source_row = torch.take_along_dim(top_row, keep, dim=1)  # (B, nb)
         # finished continuations among the top nb join the finished set if they beat its worst
         just_finished = done & top_nb[None, :]
         scores = top_scores / (cur_len ** length_penalty)  # length: the tokens after the start token
@@ -237,6 +344,7 @@ def beam_search(model, encoder_hidden: torch.Tensor, max_new_tokens: int, num_be
         finished_scores = torch.take_along_dim(torch.cat((finished_scores, scores), dim=1), best, dim=1)
         finished_len = torch.take_along_dim(
             torch.cat((finished_len, torch.full_like(top_ids, cur_len + 1)), dim=1), best, dim=1)
+        finished_row = torch.take_along_dim(torch.cat((finished_row, top_row), dim=1), best, dim=1)
         is_finished = torch.take_along_dim(torch.cat((is_finished, just_finished), dim=1), best, dim=1)
         cur_len += 1
         # generate's heuristic: could the best running beam still beat the worst finished one?
@@ -246,9 +354,17 @@ def beam_search(model, encoder_hidden: torch.Tensor, max_new_tokens: int, num_be
         can_improve = can_improve & torch.any(best_possible > worst, dim=-1, keepdim=True)
         if not (can_improve.any() and not (is_finished.all() and early_stopping is True) and not done.all()):
             break
-        rows_per_image = ids.shape[0] // B  # 1 if that was step 0 (all beams were one row), else nb
-        steps.reorder((image_offset * rows_per_image + source_beam.clamp(max=rows_per_image - 1)).view(-1))
+        parents.append(source_row.view(-1))  # (B*nb,): next step's row i continues this step's row parents[i]
+        steps.reorder(parents[-1])
         ids = running[:, :, cur_len - 1].reshape(-1)  # (B*nb,)
-    best_seq, best_len = finished[:, 0].tolist(), finished_len[:, 0].tolist()
-    captions = [seq[1:n] for seq, n in zip(best_seq, best_len)]
-    return [c[: c.index(eos_token_id)] if eos_token_id in c else c for c in captions]
+    results = []
+    for seq, n, row in zip(finished[:, 0].tolist(), finished_len[:, 0].tolist(), finished_row[:, 0].tolist()):
+        tokens = seq[1:n]  # token k was chosen at step k
+        rows = [row]  # the winner's row at each step, found backwards from its last one
+        for s in range(len(tokens) - 1, 0, -1):
+            rows.append(int(parents[s][rows[-1]]))
+        rows.reverse()
+        cross = torch.stack([steps.attn[s][r] for s, r in enumerate(rows)])  # (T, L, H, N)
+        logp = torch.stack([logps[s][r, tok] for s, (r, tok) in enumerate(zip(rows, tokens))])  # (T,)
+        results.append(_cut(tokens, cross, logp, eos_token_id))
+    return results

@@ -9,13 +9,16 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from . import attention, fastdecode
+from .fastdecode import Decoded
+from .forcing import forced
+from .maps import Maps, attention_maps, relevance_maps, rollout_maps
 from .architecture import grid_shape
 from .decoding import GenerationSettings, generate_batch, generate_ids
 from .images import to_rgb
-from .relevance import relevance_rows
 from .words import group_generated, group_typed
 
 METHODS = ("attention", "rollout", "relevance")
+DEFAULT_METHOD = "relevance"  # page, API and library alike: it points best, at under 2x attention's cost (README)
 MAX_CAPTION_CHARS = 500
 EMPTY_CAPTION = "The model produced an empty caption; try beams or sampling."  # typed captions; longer ones are refused before tokenising
 
@@ -36,7 +39,7 @@ class CaptionResult:
     settings: dict | None = None  # generation settings used (None for a typed caption)
     notes: list[str] = field(default_factory=list)  # anything a person should know (e.g. unknown words)
     seconds: dict = field(default_factory=dict)  # timings: encode, generate, maps
-    method: str = "attention"  # how the maps were made: attention | rollout | relevance
+    method: str = DEFAULT_METHOD  # how the maps were made: attention | rollout | relevance
     layers: list[int] | None = None  # layers averaged (None: the method's default)
     head: int | None = None  # head shown (None: mean over heads)
     image: np.ndarray | None = field(default=None, repr=False)  # (H, W, 3) uint8 RGB the maps cover
@@ -73,6 +76,9 @@ class Captioner:
         self.start_token_id = model.config.decoder_start_token_id
         self.default_max_new_tokens = model.generation_config.max_new_tokens or 16
         self.fast_decoding = True  # greedy and beam search by `fastdecode` (generate's tokens, faster); False: generate
+        # int8 layers have no gradients, so an int8 model's maps default to attention; every other model's to relevance
+        self.int8 = any("quantized" in type(m).__module__ for m in model.modules())
+        self.default_method = "attention" if self.int8 else DEFAULT_METHOD
 
     def __repr__(self) -> str:
         return f"Captioner({self.name!r}, device={self.device}, grid={self.grid})"
@@ -97,82 +103,75 @@ class Captioner:
 
     @torch.no_grad()
     def _encode(self, image):
-        """-> (rgb (H, W, 3) uint8, pixel_values (1, 3, h, w), encoder output with attentions)."""
+        """-> (rgb (H, W, 3) uint8, encoder output with attentions (1, H, N, N) per layer)."""
         rgb = to_rgb(image)
-        pixel_values = self.pixel_values(rgb)
-        return rgb, pixel_values, self.model.encoder(pixel_values=pixel_values, output_attentions=True)
+        return rgb, self.model.encoder(pixel_values=self.pixel_values(rgb), output_attentions=True)
 
-    @torch.no_grad()
-    def _maps(self, pixel_values, enc, ids: list[int], groups: list[list[int]], method: str, layers, head,
-              cross=None):
-        """Maps by `method` for caption tokens `ids`: (word maps (W, gh, gw) in [0, 1], raw token maps
-        (T, gh, gw), CLS map (gh, gw) in [0, 1], token probabilities (T,)). cross: this image's decoder
-        cross-attention K/V from decoding (`fastdecode.cross_keys_values`); the forced pass then reuses them
-        instead of recomputing them, with bit-identical results."""
+    def _maps(self, enc, ids: list[int], groups: list[list[int]], method: str, layers, head,
+              decoded: Decoded | None = None) -> Maps:
+        """Maps by `method` for caption tokens `ids`. decoded: what decoding recorded for these tokens; its
+        cross-attention and log-probabilities are exactly what a forced pass would recompute, so attention and
+        rollout read them instead of running one."""
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
+        if method == "relevance" and (layers is not None or head is not None):
+            raise ValueError("relevance weighs every layer and head itself; layers and head apply to the attention "
+                             "and rollout methods.")
+        if method == "relevance" and self.int8:
+            raise ValueError("relevance needs gradients, which int8 layers do not have: use method='attention' or "
+                             "'rollout', or load the model without int8.")
         gh, gw = self.grid
         if not ids:
             empty = np.zeros((0, gh, gw), np.float32)
-            return empty, empty, attention.cls_map(enc.attentions, self.grid, layers, head), np.zeros(0)
-        decoder_input_ids = torch.tensor([[self.start_token_id, *ids]], device=self.device)  # (1, T+1)
-        out = self.model(encoder_outputs=(enc.last_hidden_state,), decoder_input_ids=decoder_input_ids,
-                         output_attentions=True, past_key_values=fastdecode.cross_cache(cross) if cross else None)
-        logp = out.logits[0, :-1].float().log_softmax(-1)  # (T, V): row k predicts caption token k
-        probs = logp.gather(1, decoder_input_ids[0, 1:, None])[:, 0].exp().cpu().numpy()  # (T,)
-        rows = attention.cross_rows(out.cross_attentions, layers, head)[: len(ids)]  # (T, N); the EOS row is unused
-        if method == "attention":
-            tokens = attention.patch_maps(rows, self.grid)  # (T, gh, gw)
-            return (attention.word_maps(tokens, groups), tokens,
-                    attention.cls_map(enc.attentions, self.grid, layers, head), probs)
-        if method == "rollout":  # push each word's cross-attention back through the encoder's patch mixing
-            joint = attention.rollout(enc.attentions, head)  # (N, N)
-            tokens = attention.patch_maps(rows @ joint, self.grid)  # (T, gh, gw)
-            return (attention.word_maps(tokens, groups), tokens,
-                    attention.normalise(attention.patch_maps(joint[0], self.grid)), probs)
-        # relevance: one target per word, plus the whole caption (its encoder relevance gives the CLS map)
-        targets = torch.zeros(len(groups) + 1, len(ids))  # (W+1, T)
-        for w, g in enumerate(groups):
-            targets[w, g] = 1
-        targets[-1] = 1
-        r_ti, r_ii = relevance_rows(self.model, pixel_values, decoder_input_ids, targets)
-        words = torch.stack([r_ti[w, g].sum(0) if g else torch.zeros(r_ti.shape[-1])
-                             for w, g in enumerate(groups)]) if groups else r_ti[:0, 0]  # (W, N)
-        return (attention.normalise(attention.patch_maps(words, self.grid)),
-                attention.patch_maps(r_ti[-1, :len(ids)], self.grid),
-                attention.normalise(attention.patch_maps(r_ii[-1, 0], self.grid)), probs)
+            return Maps(empty, empty, attention.cls_map(enc.attentions, self.grid, layers, head), np.zeros(0))
+        if method == "relevance":
+            return relevance_maps(self.model, enc, self.start_token_id, ids, groups, self.grid)
+        if decoded is not None and decoded.cross is not None:
+            cross = tuple(decoded.cross[:, layer].transpose(0, 1)[None] for layer in range(decoded.cross.shape[1]))
+            logp = decoded.logp  # (T,); cross: L tensors (1, H, T, N)
+        else:
+            f = forced(self.model, enc.last_hidden_state.detach(), self.start_token_id, ids)
+            cross, logp = f.cross_attentions, f.token_logp
+        fn = attention_maps if method == "attention" else rollout_maps
+        return fn(cross, enc.attentions, logp, groups, self.grid, layers, head)
 
-    def _result(self, rgb, pixel_values, enc, ids, words, groups, settings, notes, seconds, method="attention",
-                layers=None, head=None, cross=None) -> CaptionResult:
-        t = time.perf_counter()
-        word_maps, token_maps, cls, probs = self._maps(pixel_values, enc, ids, groups, method, layers, head, cross)
-        seconds["maps"] = time.perf_counter() - t
+    def _result(self, rgb, ids, words, groups, maps: Maps, settings, notes, seconds, method, layers,
+                head) -> CaptionResult:
         return CaptionResult(
-            text=" ".join(words), words=words, word_maps=word_maps, cls_map=cls,
-            word_probs=[float(np.prod(probs[g])) if g else 0.0 for g in groups], token_ids=list(ids),
-            tokens=self.tokenizer.convert_ids_to_tokens(list(ids)), word_tokens=groups, token_maps=token_maps,
+            text=" ".join(words), words=words, word_maps=maps.words, cls_map=maps.cls,
+            word_probs=[float(np.prod(maps.probs[g])) if g else 0.0 for g in groups], token_ids=list(ids),
+            tokens=self.tokenizer.convert_ids_to_tokens(list(ids)), word_tokens=groups, token_maps=maps.tokens,
             image_size=tuple(rgb.shape[:2]), model=self.name, settings=settings, notes=notes, seconds=seconds,
             method=method, layers=layers, head=head, image=rgb)
 
-    def remap(self, res: CaptionResult, method: str = "attention", layers: list[int] | None = None,
+    def _mapped(self, rgb, enc, ids, words, groups, settings, notes, seconds, method, layers, head,
+                decoded=None) -> CaptionResult:
+        t = time.perf_counter()
+        method = method or self.default_method
+        maps = self._maps(enc, ids, groups, method, layers, head, decoded)
+        seconds["maps"] = time.perf_counter() - t
+        return self._result(rgb, ids, words, groups, maps, settings, notes, seconds, method, layers, head)
+
+    def remap(self, res: CaptionResult, method: str | None = None, layers: list[int] | None = None,
               head: int | None = None) -> CaptionResult:
         """The same caption with its maps recomputed by another method/layers/head: no new generation."""
         if res.image is None:
             raise ValueError("This result carries no image; caption or explain the image again.")
         t = time.perf_counter()
-        rgb, pixel_values, enc = self._encode(res.image)
-        return self._result(rgb, pixel_values, enc, res.token_ids, res.words, res.word_tokens, res.settings,
+        rgb, enc = self._encode(res.image)
+        return self._mapped(rgb, enc, res.token_ids, res.words, res.word_tokens, res.settings,
                             res.notes, {"encode": time.perf_counter() - t}, method, layers, head)
 
     def caption(self, image, max_new_tokens: int | None = None, num_beams: int = 4, do_sample: bool = False,
                 temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, seed: int | None = None,
-                method: str = "attention", layers: list[int] | None = None, head: int | None = None
+                method: str | None = None, layers: list[int] | None = None, head: int | None = None
                 ) -> CaptionResult:
         """Caption `image` (PIL or (H, W, 3) uint8) and map every word; any decoding mode, beam search included.
 
-        method: "attention" (raw cross-attention; CLS self-attention of the last layer), "rollout" (pushed
-        through the encoder's rolled-out self-attention) or "relevance" (Chefer et al.'s gradient-weighted
-        relevance; needs a backward pass). layers: decoder layers to average for word maps and encoder layers
+        method: "relevance" (Chefer et al.'s gradient-weighted relevance, one batched backward pass through the
+        decoder; the default, `default_method`, except for int8 models, which have no gradients), "attention"
+        (raw cross-attention; CLS self-attention of the last layer) or "rollout" (pushed through the encoder's
+        rolled-out self-attention); None: the default. layers: decoder layers to average for word maps and encoder layers
         for the CLS map (None: all decoder layers, the last encoder layer); head: one head or None for the mean.
         max_new_tokens=None uses the model's own default (`default_max_new_tokens`: 16 unless its generation
         config says otherwise; the bundled scene model says 24, as its longest captions have 17 words).
@@ -180,23 +179,23 @@ class Captioner:
         settings = self._settings(max_new_tokens, num_beams, do_sample, temperature, top_k, top_p, seed)
         seconds = {}
         t = time.perf_counter()
-        rgb, pixel_values, enc = self._encode(image)
+        rgb, enc = self._encode(image)
         seconds["encode"] = time.perf_counter() - t
         t = time.perf_counter()
-        cross = fastdecode.cross_keys_values(self.model, enc.last_hidden_state) if self.fast_decoding else None
-        ids = generate_ids(self.model, enc.last_hidden_state, settings, self.eos_token_id, self.fast_decoding, cross)
+        decoded = generate_ids(self.model, enc.last_hidden_state, settings, self.eos_token_id,
+                               self.fast_decoding)
         seconds["generate"] = time.perf_counter() - t
-        text, words, groups = group_generated(self.tokenizer, ids)
+        text, words, groups = group_generated(self.tokenizer, decoded.ids)
         notes = [] if words else [EMPTY_CAPTION]
-        return self._result(rgb, pixel_values, enc, ids, words, groups, asdict(settings), notes, seconds, method,
-                            layers, head, cross)
+        return self._mapped(rgb, enc, decoded.ids, words, groups, asdict(settings), notes, seconds,
+                            method, layers, head, decoded)
 
     @torch.no_grad()
     def caption_batch(self, images: list, max_new_tokens: int | None = None, num_beams: int = 4,
-                      method: str = "attention", layers: list[int] | None = None, head: int | None = None
+                      method: str | None = None, layers: list[int] | None = None, head: int | None = None
                       ) -> list[CaptionResult]:
         """`caption` for several images at once (greedy or beam search): one encoder pass and one decoding for
-        the batch, then each image's maps from its own forced pass. Batched matrix products round differently
+        the batch, then each image's maps from what its decoding recorded. Batched matrix products round differently
         from single ones, so a near-tie may now and then resolve to another word than `caption` picks."""
         settings = self._settings(max_new_tokens, num_beams)
         if not images:
@@ -207,19 +206,17 @@ class Captioner:
         enc = self.model.encoder(pixel_values=pixel_values, output_attentions=True)
         encode = (time.perf_counter() - t) / len(rgbs)
         t = time.perf_counter()
-        cross = fastdecode.cross_keys_values(self.model, enc.last_hidden_state) if self.fast_decoding else None
-        batch_ids = generate_batch(self.model, enc.last_hidden_state, settings, self.eos_token_id,
-                                   self.fast_decoding, cross)
+        batch = generate_batch(self.model, enc.last_hidden_state, settings, self.eos_token_id, self.fast_decoding)
         generate = (time.perf_counter() - t) / len(rgbs)
         results = []
-        for i, (rgb, ids) in enumerate(zip(rgbs, batch_ids)):
+        for i, (rgb, decoded) in enumerate(zip(rgbs, batch)):
             one = BaseModelOutput(last_hidden_state=enc.last_hidden_state[i:i + 1],
                                   attentions=tuple(a[i:i + 1] for a in enc.attentions))  # image i's (1, ...)
-            text, words, groups = group_generated(self.tokenizer, ids)
+            text, words, groups = group_generated(self.tokenizer, decoded.ids)
             notes = [] if words else [EMPTY_CAPTION]
-            results.append(self._result(rgb, pixel_values[i:i + 1], one, ids, words, groups, asdict(settings),
-                                        notes, {"encode": encode, "generate": generate}, method, layers, head,
-                                        cross and [(k[i:i + 1], v[i:i + 1]) for k, v in cross]))
+            results.append(self._mapped(rgb, one, decoded.ids, words, groups,
+                                        asdict(settings), notes, {"encode": encode, "generate": generate}, method,
+                                        layers, head, decoded))
         return results
 
     def _settings(self, max_new_tokens: int | None, num_beams: int, do_sample: bool = False,
@@ -233,7 +230,7 @@ class Captioner:
         return GenerationSettings(**{**asdict(settings), "max_new_tokens": min(settings.max_new_tokens,
                                                                                  self.max_tokens - 1)})
 
-    def explain(self, image, text: str, method: str = "attention", layers: list[int] | None = None,
+    def explain(self, image, text: str, method: str | None = None, layers: list[int] | None = None,
                 head: int | None = None) -> CaptionResult:
         """Maps and word probabilities for a caption a person gives (forced decoding), e.g. "a dog on a bed"."""
         ids, groups = self.tokenize(text)
@@ -242,6 +239,6 @@ class Captioner:
         unknown = [w for w, g in zip(words, groups) if unk is not None and any(ids[k] == unk for k in g)]
         notes = [f"Not in the model's vocabulary: {', '.join(unknown)}."] if unknown else []
         t = time.perf_counter()
-        rgb, pixel_values, enc = self._encode(image)
-        return self._result(rgb, pixel_values, enc, ids, words, groups, None, notes,
+        rgb, enc = self._encode(image)
+        return self._mapped(rgb, enc, ids, words, groups, None, notes,
                             {"encode": time.perf_counter() - t}, method, layers, head)

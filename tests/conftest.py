@@ -19,6 +19,11 @@ CAPTIONS = ["a dog riding a skateboard on the street", "a cat sitting under a wo
             "two giraffes standing near a tall tree", "a man surfing a huge wave"]
 
 
+def atol(cap, fp32: float = 1e-5) -> float:
+    """Tolerance for comparing two computations of the same values on cap's model: fp32's, or fp16's on a GPU."""
+    return fp32 if cap.model.dtype == torch.float32 else max(fp32, 2e-2)
+
+
 def image_for(k: int, size=(32, 48)) -> np.ndarray:
     """A distinct (H, W, 3) uint8 image per caption index: a coloured block on noise."""
     rng = np.random.default_rng(k)

@@ -10,16 +10,16 @@ from PIL import Image
 
 import captioner
 from captioner.attention import normalise
-from conftest import CAPTIONS, image_for
+from conftest import CAPTIONS, atol, image_for
 
 
 def _pixels(cap, image):
-    return cap.processor(images=image, return_tensors="pt")["pixel_values"]
+    return cap.pixel_values(image)  # (1, 3, h, w) on the model's device and dtype
 
 
 def _mean_map(rows: torch.Tensor, grid) -> np.ndarray:
     """(L, H, N) attention rows of one query -> (gh, gw) mean over layers and heads, CLS key dropped."""
-    return rows.mean((0, 1))[1:].reshape(grid).numpy()
+    return rows.float().mean((0, 1))[1:].reshape(grid).cpu().numpy()
 
 
 def test_contract(tiny):
@@ -43,39 +43,41 @@ def test_trained_fixture_captions_its_images(tiny):
 
 
 def test_words_group_subword_tokens(tiny):
-    res = tiny.caption(image_for(0), max_new_tokens=40)
+    res = tiny.caption(image_for(0), max_new_tokens=40, method="attention")
     k = res.words.index("skateboard")
     assert len(res.word_tokens[k]) >= 2, "the BPE fixture must split 'skateboard' into several tokens"
     assert "".join(res.tokens[i] for i in res.word_tokens[k]).replace("Ġ", "") == "skateboard"
     expected = normalise(res.token_maps[res.word_tokens[k]].mean(0))
     assert np.allclose(res.word_maps[k], expected, atol=1e-6)
+    assert res.word_probs[k] == pytest.approx(float(np.prod(tiny.explain(image_for(0), res.text).word_probs[k])),
+                                              rel=1e-3), "same word probability from decoding and a forced pass"
 
 
 def test_greedy_maps_equal_the_attentions_generate_returned(tiny):
     """Pins the rule that query row j-1 (the state that predicted token j) gives token j's map."""
     image = image_for(1)
-    res = tiny.caption(image, max_new_tokens=40, num_beams=1)
+    res = tiny.caption(image, max_new_tokens=40, num_beams=1, method="attention")
     with torch.no_grad():
         out = tiny.model.generate(pixel_values=_pixels(tiny, image), max_new_tokens=40, num_beams=1,
                                   do_sample=False, output_attentions=True, return_dict_in_generate=True)
     assert out.sequences[0, 1:len(res.token_ids) + 1].tolist() == res.token_ids
     for j in range(len(res.token_ids)):  # step j's query produced token j+1 of the sequence, i.e. caption token j
         rows = torch.stack([layer[0, :, -1] for layer in out.cross_attentions[j]])  # (L, H, N)
-        assert np.allclose(res.token_maps[j], _mean_map(rows, tiny.grid), atol=1e-5), f"token {j}"
+        assert np.allclose(res.token_maps[j], _mean_map(rows, tiny.grid), atol=atol(tiny)), f"token {j}"
 
 
 def test_beam_search_maps_equal_a_teacher_forced_pass(tiny):
     image = image_for(2)
-    res = tiny.caption(image, max_new_tokens=40, num_beams=4)
+    res = tiny.caption(image, max_new_tokens=40, num_beams=4, method="attention")
     with torch.no_grad():
         plain = tiny.model.generate(pixel_values=_pixels(tiny, image), max_new_tokens=40, num_beams=4)
         ids = [tiny.start_token_id, *res.token_ids]
-        forced = tiny.model(pixel_values=_pixels(tiny, image), decoder_input_ids=torch.tensor([ids]),
+        forced = tiny.model(pixel_values=_pixels(tiny, image), decoder_input_ids=torch.tensor([ids], device=tiny.device),
                             output_attentions=True)
     assert plain[0, 1:len(res.token_ids) + 1].tolist() == res.token_ids, "same tokens as plain generate"
     for j in range(len(res.token_ids)):
         rows = torch.stack([layer[0, :, j] for layer in forced.cross_attentions])  # (L, H, N)
-        assert np.allclose(res.token_maps[j], _mean_map(rows, tiny.grid), atol=1e-5)
+        assert np.allclose(res.token_maps[j], _mean_map(rows, tiny.grid), atol=atol(tiny))
 
 
 def test_beam_search_on_random_model_matches_plain_generate(random_tiny):
@@ -91,20 +93,21 @@ def test_beam_search_on_random_model_matches_plain_generate(random_tiny):
 
 def test_explain_of_own_caption_gives_the_same_maps(tiny):
     image = image_for(3)
-    res = tiny.caption(image, max_new_tokens=40)
-    again = tiny.explain(image, res.text)
-    assert again.token_ids == res.token_ids and again.words == res.words
-    assert np.allclose(again.word_maps, res.word_maps, atol=1e-6)
-    assert np.allclose(again.word_probs, res.word_probs, atol=1e-6)
+    for method in ("attention", "relevance"):
+        res = tiny.caption(image, max_new_tokens=40, method=method)
+        again = tiny.explain(image, res.text, method=method)
+        assert again.token_ids == res.token_ids and again.words == res.words
+        assert np.allclose(again.word_maps, res.word_maps, atol=atol(tiny)), method
+        assert np.allclose(again.word_probs, res.word_probs, atol=atol(tiny)), method
 
 
 def test_cls_map_is_last_layer_cls_row_mean_over_heads(tiny):
     image = image_for(0)
-    res = tiny.caption(image)
+    res = tiny.caption(image, method="attention")
     with torch.no_grad():
         enc = tiny.model.encoder(pixel_values=_pixels(tiny, image), output_attentions=True)
-    row = enc.attentions[-1][0, :, 0, 1:].mean(0).reshape(tiny.grid).numpy()
-    assert np.allclose(res.cls_map, normalise(row), atol=1e-6)
+    row = enc.attentions[-1][0, :, 0, 1:].float().mean(0).reshape(tiny.grid).cpu().numpy()
+    assert np.allclose(res.cls_map, normalise(row), atol=atol(tiny, 1e-6))
 
 
 def test_pil_and_array_inputs_agree_and_input_is_not_mutated(tiny):

@@ -30,10 +30,10 @@ def test_methods_differ(tiny):
 
 def test_layer_and_head_choice(tiny):
     image, text = image_for(2), "two giraffes standing near a tall tree"
-    full = tiny.explain(image, text)
-    per_layer = [tiny.explain(image, text, layers=[k]).token_maps for k in range(2)]
+    full = tiny.explain(image, text, method="attention")
+    per_layer = [tiny.explain(image, text, method="attention", layers=[k]).token_maps for k in range(2)]
     assert np.allclose(full.token_maps, np.mean(per_layer, axis=0), atol=1e-6), "all layers = mean of layers"
-    per_head = [tiny.explain(image, text, head=h).token_maps for h in range(2)]
+    per_head = [tiny.explain(image, text, method="attention", head=h).token_maps for h in range(2)]
     assert np.allclose(full.token_maps, np.mean(per_head, axis=0), atol=1e-6), "no head = mean of heads"
     assert not np.allclose(per_head[0], per_head[1])
     with pytest.raises(ValueError, match="head"):
@@ -42,6 +42,8 @@ def test_layer_and_head_choice(tiny):
         tiny.explain(image, text, layers=[7])
     with pytest.raises(ValueError, match="method"):
         tiny.explain(image, text, method="gradcam")
+    with pytest.raises(ValueError, match="every layer and head"):
+        tiny.explain(image, text, method="relevance", layers=[0])
 
 
 def test_rollout_of_identity_attention_leaves_maps_unchanged():
@@ -72,18 +74,22 @@ def test_gradients_only_when_relevance_is_asked(tiny, monkeypatch):
 
 
 def test_relevance_batch_equals_one_word_at_a_time(tiny):
-    """The batched pass (one target per batch element) must equal separate passes per word."""
+    """The batched backward (one target per row) must equal separate passes per word."""
     res = tiny.caption(image_for(3), max_new_tokens=40)
-    pixel_values = tiny.pixel_values(image_for(3))
-    ids = torch.tensor([[tiny.start_token_id, *res.token_ids]])
-    targets = torch.zeros(len(res.words), len(res.token_ids))
+    with torch.no_grad():
+        enc = tiny.model.encoder(pixel_values=tiny.pixel_values(image_for(3)), output_attentions=True)
+    ids = torch.tensor([[tiny.start_token_id, *res.token_ids]], device=tiny.device)
+    targets = torch.zeros(len(res.words), len(res.token_ids), device=tiny.device)
     for w, g in enumerate(res.word_tokens):
         targets[w, g] = 1
-    r_ti, r_ii = relevance_rows(tiny.model, pixel_values, ids, targets)
+    r_ti, r_ii, logp = relevance_rows(tiny.model, enc, ids, targets)
     for w in (0, len(res.words) - 1):
-        one_ti, one_ii = relevance_rows(tiny.model, pixel_values, ids, targets[w:w + 1])
-        assert torch.allclose(r_ti[w], one_ti[0], atol=1e-5) and torch.allclose(r_ii[w], one_ii[0], atol=1e-5)
+        one_ti, one_ii, _ = relevance_rows(tiny.model, enc, ids, targets[w:w + 1])
+        assert torch.allclose(r_ti[w], one_ti[0], atol=1e-5) and torch.equal(r_ii, one_ii)
     assert (r_ti >= 0).all(), "relevance only accumulates positive contributions"
+    probs = logp.exp().cpu().numpy()
+    assert np.allclose([np.prod(probs[g]) for g in res.word_tokens], res.word_probs, atol=1e-4), \
+        "the relevance pass's token probabilities are the caption's"
 
 
 def test_remap_changes_maps_not_caption(tiny):

@@ -1,0 +1,40 @@
+"""The teacher-forced pass: the decoder run once over [start] + caption tokens, and the rule that reads it.
+
+Row k of its outputs belongs to caption token k: the decoder state at position k (the start token is position 0)
+is the one that predicted token k, so its logits give token k's probability and its cross-attention is where the
+decoder looked while writing token k. The last row (after the final token) predicts what would come next and is
+dropped. Every map, probability and score in this project reads a forced pass through `token_log_probs` and
+`forced`, never by re-deriving the offset.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def decoder_input(start_token_id: int, ids: list[int], device) -> torch.Tensor:
+    """[start] + caption tokens as the decoder's input, (1, T+1)."""
+    return torch.tensor([[start_token_id, *ids]], device=device)
+
+
+def token_log_probs(logits: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(caption token k) for every k, (..., T), from logits (..., T+1, V) of a forced pass over
+    decoder_input_ids (..., T+1): row k predicts token k, which sits at input position k + 1."""
+    logp = logits[..., :-1, :].float().log_softmax(-1)  # (..., T, V)
+    return logp.gather(-1, decoder_input_ids[..., 1:, None])[..., 0]  # (..., T)
+
+
+@dataclass
+class Forced:
+    cross_attentions: tuple[torch.Tensor, ...]  # L tensors (1, H, T, N): row k looked while writing token k
+    token_logp: torch.Tensor  # (T,) log-probability of each caption token
+
+
+@torch.no_grad()
+def forced(model, encoder_hidden: torch.Tensor, start_token_id: int, ids: list[int]) -> Forced:
+    """One forced pass of `model`'s decoder over caption tokens `ids` for one image's encoder output (1, N, D)."""
+    decoder_input_ids = decoder_input(start_token_id, ids, encoder_hidden.device)  # (1, T+1)
+    out = model(encoder_outputs=(encoder_hidden,), decoder_input_ids=decoder_input_ids, output_attentions=True)
+    cross = tuple(a[:, :, :-1] for a in out.cross_attentions)  # (1, H, T, N) each: the last row predicts nothing
+    return Forced(cross, token_log_probs(out.logits, decoder_input_ids)[0])
