@@ -1,21 +1,26 @@
-"""Where did the captioner look? A thin Gradio UI over the `captioner` package (layout and wiring only)."""
+"""Where did the captioner look? A thin Gradio UI over the `captioner` package (layout and wiring only).
+
+Everything a visitor's page holds lives in their own `gr.State`; models live in the `Models` object that
+`build_demo` makes, so two demos in one process share nothing. Controls that only change the drawing (the patch
+grid) redraw from the cached result and never call the model; clicking a word does the same.
+"""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 from pathlib import Path
+
+from gradio_inputs import image_input, on_gpu, page_errors, setting, whole_number  # first: it imports `spaces`
 
 import gradio as gr
 
 import captioner
-from gradio_inputs import image_input, page_errors, setting, whole_number
 from captioner import images, render
 from captioner.attention import parse_layers
 
 EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "assets" / "examples").glob("*.*") if p.suffix != ".md")
-DEFAULT_METHOD = "relevance"  # the method that measured best (README, "Which map is right?")
 BUNDLED_LABEL = "bundled scene captioner (offline)"
-MODELS: dict[str, str] = {}  # dropdown label -> folder or hub id, filled by build_demo
-DEFAULT: list[str] = [""]  # the label the page starts with
 COLOURS = {"selected": "#fde047", "sure (≥ 90%)": "#86efac", "likely (50–90%)": "#bfdbfe", "unsure (< 50%)": "#fecaca"}
 
 
@@ -23,17 +28,26 @@ def _label(path: str) -> str:
     return BUNDLED_LABEL if path == captioner.BUNDLED_MODEL else path  # a hub id is its own label
 
 
-def get_model(label: str | None) -> captioner.Captioner:
-    """The model a dropdown label (or None: the page's default) names; the page and the API never see paths."""
-    label = label or DEFAULT[0]
-    if label not in MODELS:
-        raise gr.Error(f"Unknown model {label!r}; available: {', '.join(MODELS)}.")
-    return _load(MODELS[label])
+def page_models() -> list[str]:
+    """The page's models: `captioner.available_models()` plus `$CAPTIONER_EXTRA_MODELS` (comma-separated folders or
+    hub ids, e.g. an OCR model beside the captioner), without repeats."""
+    extra = [m.strip() for m in os.environ.get("CAPTIONER_EXTRA_MODELS", "").split(",") if m.strip()]
+    return list(dict.fromkeys([*captioner.available_models(), *extra]))
 
 
-@functools.lru_cache(maxsize=2)
-def _load(name: str) -> captioner.Captioner:
-    return captioner.load(name)
+class Models:
+    """Dropdown label -> model, loaded on first use, at most two in memory; the page and the API never see paths."""
+
+    def __init__(self, models: list[str]):
+        self.paths = {_label(m): m for m in models}
+        self.default = _label(models[0])
+        self.load = functools.lru_cache(maxsize=2)(captioner.load)
+
+    def get(self, label: str | None) -> captioner.Captioner:
+        label = label or self.default
+        if label not in self.paths:
+            raise gr.Error(f"Unknown model {label!r}; available: {', '.join(self.paths)}.")
+        return self.load(self.paths[label])
 
 
 def _bucket(p: float) -> str:
@@ -45,79 +59,97 @@ def _words(res: captioner.CaptionResult, selected: int | None) -> list[tuple[str
                                                                                              res.word_probs))]
 
 
-def _views(res: captioner.CaptionResult, k: int, grid: bool):
+def _word_view(res: captioner.CaptionResult, k: int, grid: bool):
     """The caption with word k marked, and word k's overlay, from the cached result: no model call."""
     if not res.words:
         return _words(res, None), None
-    k = min(max(int(k), 0), len(res.words) - 1)
     title = f"'{res.words[k]}'  p={res.word_probs[k]:.2f}"
     return _words(res, k), render.titled_overlay(res.image, res.word_maps[k], title, grid)
 
 
-def _publish(cap: captioner.Captioner, res: captioner.CaptionResult, grid: bool, model: str):
-    """Everything a caption shows; the state keeps the result (and which model made it) for clicks and re-maps."""
-    words, overlay = _views(res, 0, grid)
+def _pictures(res: captioner.CaptionResult, k: int, grid: bool):
+    """Every picture of a result (words, word overlay, CLS overlay, strip), drawn from it: no model call."""
+    words, overlay = _word_view(res, k, grid)
     cls = render.titled_overlay(res.image, res.cls_map, f"ViT CLS token ({res.method})", grid)
-    strip = render.word_strip(res.image, res.words, res.word_maps, grid=grid)
+    return words, overlay, cls, render.word_strip(res.image, res.words, res.word_maps, grid=grid)
+
+
+def _publish(cap: captioner.Captioner, res: captioner.CaptionResult, grid: bool, model: str | None):
+    """Everything a caption shows; the state keeps the result, its model and the selected word. The result's image
+    is kept at most PAGE_MAX_SIDE px (2.4 MB at 1024x768; a 2048 px photo would be 9 MB a visitor for an hour)."""
+    res = dataclasses.replace(res, image=render.shrink(res.image))
     probs = " · ".join(f"{w} {p:.0%}" for w, p in zip(res.words, res.word_probs))
     info = f"**Word probabilities** {probs}\n\n**Model** `{res.model}` on {cap.device} · maps: {res.method} · grid " \
         f"{res.grid[0]}×{res.grid[1]} · " + " · ".join(f"{k} {v * 1000:.0f} ms" for k, v in res.seconds.items()) + \
         "".join(f"\n\n⚠️ {n}" for n in res.notes)
-    return words, overlay, cls, strip, res.to_json(), info, {"result": res, "model": model}
+    return (*_pictures(res, 0, grid), res.to_json(), info, {"result": res, "model": model, "word": 0})
 
 
-def _method(method, layers, head) -> dict:
-    return dict(method=method or "attention", layers=parse_layers(layers),
-                head=None if head is None or head < 0 else int(head))
-
-
-@page_errors
-def caption(image, max_new_tokens=None, num_beams=4, do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
-            seed=-1, model=None, grid=False, method="attention", layers="all", head=-1):
-    cap = get_model(model)
-    res = cap.caption(image, max_new_tokens, num_beams, do_sample, temperature, top_k, top_p,
-                      None if seed is None or seed < 0 else seed, **_method(method, layers, head))
-    return _publish(cap, res, grid, model)
-
-
-@page_errors
-def explain(image, text, model=None, grid=False, method="attention", layers="all", head=-1):
-    cap = get_model(model)
-    return _publish(cap, cap.explain(image, text, **_method(method, layers, head)), grid, model)
-
-
-@page_errors
-def remap(state, grid, method, layers, head):
-    """Other maps for the caption on the page: no new generation."""
-    if state is None:
-        raise gr.Error("Caption an image first.")
-    cap = get_model(state["model"])
-    return _publish(cap, cap.remap(state["result"], **_method(method, layers, head)), grid, state["model"])
-
-
-@page_errors
-def heatmap(image, text, word_index=0, model=None, grid=False, method="attention", layers="all", head=-1):
-    res = get_model(model).explain(image, text, **_method(method, layers, head))
-    if not 0 <= int(word_index) < len(res.words):
-        raise ValueError(f"word_index must be between 0 and {len(res.words) - 1} for a {len(res.words)}-word "
-                         "caption.")
-    return render.titled_overlay(res.image, res.word_maps[int(word_index)], res.words[int(word_index)], grid)
-
-
-def on_select(state, grid, evt: gr.SelectData):
-    if state is None:
-        raise gr.Error("Caption an image first.")
-    return _views(state["result"], evt.index, grid)
-
-
-def show_method_controls(method):
-    return [gr.update(visible=method != "relevance")] * 2
+def _how(method, layers, head) -> dict:
+    """The page's map controls as library arguments, checked; layers and head (hidden on the page for relevance,
+    which weighs every layer and head itself) are dropped for relevance."""
+    method = method or captioner.DEFAULT_METHOD
+    how = dict(method=method, layers=parse_layers(layers), head=None if head is None or head < 0 else int(head))
+    return dict(method=method) if method == "relevance" else how
 
 
 def build_demo(models: list[str] | None = None) -> gr.Blocks:
-    models = models or captioner.available_models()
-    MODELS.update({_label(m): m for m in models})
-    DEFAULT[0] = _label(models[0])
+    """The page for `models` (default: `page_models()`), the first one preselected."""
+    models = models or page_models()
+    loaded = Models(models)
+
+    @page_errors
+    @on_gpu
+    def caption(image, max_new_tokens=None, num_beams=4, do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
+                seed=-1, model=None, grid=False, method=captioner.DEFAULT_METHOD, layers="all", head=-1):
+        cap = loaded.get(model)
+        res = cap.caption(image, max_new_tokens, num_beams, do_sample, temperature, top_k, top_p,
+                          None if seed is None or seed < 0 else seed, **_how(method, layers, head))
+        return _publish(cap, res, grid, model)
+
+    @page_errors
+    @on_gpu
+    def explain(image, text, model=None, grid=False, method=captioner.DEFAULT_METHOD, layers="all", head=-1):
+        cap = loaded.get(model)
+        return _publish(cap, cap.explain(image, text, **_how(method, layers, head)), grid, model)
+
+    @page_errors
+    @on_gpu
+    def heatmap(image, text, word_index=0, model=None, grid=False, method=captioner.DEFAULT_METHOD, layers="all",
+                head=-1):
+        res = loaded.get(model).explain(image, text, **_how(method, layers, head))
+        if not 0 <= int(word_index) < len(res.words):
+            raise ValueError(f"word_index must be between 0 and {len(res.words) - 1} for a {len(res.words)}-word "
+                             "caption.")
+        k = int(word_index)
+        return render.titled_overlay(res.image, res.word_maps[k], f"'{res.words[k]}'  p={res.word_probs[k]:.2f}",
+                                     grid)
+
+    @page_errors
+    @on_gpu
+    def remap(state, grid, method, layers, head):
+        """Other maps for the caption on the page: no new generation."""
+        if state is None:
+            raise gr.Error("Caption an image first.")
+        cap = loaded.get(state["model"])
+        return _publish(cap, cap.remap(state["result"], **_how(method, layers, head)), grid, state["model"])
+
+    def on_select(state, grid, evt: gr.SelectData):
+        if state is None:
+            raise gr.Error("Caption an image first.")
+        k = min(max(int(evt.index), 0), max(len(state["result"].words) - 1, 0))
+        return (*_word_view(state["result"], k, grid), {**state, "word": k})
+
+    def redraw(state, grid):
+        """The grid checkbox: the same result drawn again, with or without the patch grid."""
+        if state is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return _pictures(state["result"], state["word"], grid)
+
+    def show_method_controls(method):
+        return [gr.update(visible=method != "relevance")] * 2
+
+    first = loaded.get(None)
     with gr.Blocks(title="Where did the captioner look?") as demo:
         gr.Markdown("# Where did the captioner look?\nCaption an image, then **click any word** to see where the "
                     "decoder looked while writing it (cross-attention), beside where the ViT's CLS token looked.")
@@ -125,10 +157,11 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=2):
                 image = image_input(label="Image", sources=["upload", "webcam", "clipboard"], elem_id="image")
-                choices = [_label(m) for m in models]
-                model = gr.Dropdown(choices, value=choices[0], label="Model", visible=len(models) > 1)
+                choices = list(loaded.paths)
+                model = gr.Dropdown(choices, value=choices[0], label="Model", visible=len(choices) > 1)
                 with gr.Accordion("Generation settings", open=False):
-                    max_new = setting("max_new_tokens", value=_load(models[0]).default_max_new_tokens, step=1, label="Max new tokens")
+                    max_new = setting("max_new_tokens", value=first.default_max_new_tokens, step=1,
+                                      label="Max new tokens")
                     beams = setting("num_beams", value=4, step=1, label="Beams")
                     sample = gr.Checkbox(False, label="Sample instead of searching")
                     temp = setting("temperature", value=1.0, step=0.05, label="Temperature")
@@ -136,11 +169,11 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
                     top_p = setting("top_p", value=1.0, step=0.01, label="Top-p")
                     seed = whole_number("seed", value=-1, label="Seed (-1 = random; used when sampling)")
                 with gr.Accordion("Map method", open=True):
-                    method = gr.Radio(list(captioner.METHODS), value=DEFAULT_METHOD, label="Method",
+                    method = gr.Radio(list(captioner.METHODS), value=captioner.DEFAULT_METHOD, label="Method",
                                       info="attention: raw cross-attention · rollout: through the ViT's "
                                       "mixing · relevance: gradient-weighted (Chefer et al.)")
                     with gr.Row():
-                        shown = DEFAULT_METHOD != "relevance"  # relevance weighs every layer and head itself
+                        shown = captioner.DEFAULT_METHOD != "relevance"  # relevance weighs every layer and head
                         layers = gr.Textbox("all", label="Layers", info="all, -1, 0-3 or 1,4", visible=shown)
                         head = whole_number("head", value=-1, label="Head", info="-1 = mean of all heads",
                                             visible=shown)
@@ -161,7 +194,6 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
                 gr.Markdown("**Every word at once** (download the PNG from its corner)")
                 strip = gr.Image(label="Every word at once", show_label=False, format="png", elem_id="strip",
                                  interactive=False)
-                first = _load(models[0])
                 info = gr.Markdown(f"**Model** `{first.name}` on {first.device} · patch grid "
                                    f"{first.grid[0]}×{first.grid[1]}")
                 with gr.Accordion("Result as JSON (what the API returns)", open=False):
@@ -179,11 +211,12 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
         run_typed.click(explain, [image, typed, model, grid, *how], outputs, api_name="explain", **shared)
         typed.submit(explain, [image, typed, model, grid, *how], outputs, api_visibility="private", **shared)
         hm_btn.click(heatmap, [image, hm_text, hm_index, model, grid, *how], hm_out, api_name="heatmap", **shared)
-        words.select(on_select, [state, grid], [words, word_view], api_visibility="private")
+        words.select(on_select, [state, grid], [words, word_view, state], api_visibility="private")
+        grid.change(redraw, [state, grid], [words, word_view, cls_view, strip], api_visibility="private")
         method.change(show_method_controls, method, [layers, head], api_visibility="private")
-        for control in (method, layers, head, grid):  # re-map the caption on the page; never regenerate it
-            getattr(control, "submit" if control in (layers, head) else "change")(
-                remap, [state, grid, *how], outputs, api_visibility="private", **shared)
+        method.change(remap, [state, grid, *how], outputs, api_visibility="private", **shared)
+        for control in (layers, head):  # re-map the caption on the page; never regenerate it
+            control.submit(remap, [state, grid, *how], outputs, api_visibility="private", **shared)
     demo.queue(max_size=32, default_concurrency_limit=1)
     return demo
 

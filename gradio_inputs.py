@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import functools
 
+try:  # ZeroGPU Spaces: `spaces` must be imported before anything starts CUDA, so this module comes first in app.py
+    import spaces
+except ImportError:
+    spaces = None
+
 import gradio as gr
 
 from captioner.decoding import LIMITS
@@ -75,3 +80,9 @@ def page_errors(fn):
         except (ValueError, RuntimeError) as e:
             raise gr.Error(str(e)) from None
     return wrapped
+
+
+def on_gpu(fn):
+    """On a ZeroGPU Space (the `spaces` package importable), run `fn` under `spaces.GPU`, which lends it a GPU for
+    the call; elsewhere `fn` unchanged."""
+    return fn if spaces is None else spaces.GPU(fn)

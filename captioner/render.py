@@ -11,6 +11,16 @@ import numpy as np
 
 COLORMAP = cv2.COLORMAP_TURBO  # perceptually ordered, readable on photos; low = blue, high = red
 DISPLAY_MIN_SIDE = 384  # small inputs (the 96-px scenes) are enlarged for display so a patch is visible
+PAGE_MAX_SIDE = 1024  # the page draws on at most this: a 2048 px photo's overlays show no more in a browser
+
+
+def shrink(image: np.ndarray, max_side: int = PAGE_MAX_SIDE) -> np.ndarray:
+    """(H, W, 3) -> the same picture with its longer side at most max_side (area-averaged); smaller ones as they are."""
+    h, w = image.shape[:2]
+    if max(h, w) <= max_side:
+        return image
+    scale = max_side / max(h, w)
+    return cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
 
 
 def display_image(image: np.ndarray, min_side: int = DISPLAY_MIN_SIDE) -> np.ndarray:

@@ -1,7 +1,9 @@
-"""Many visitors at once: start the real app (`python app.py`, the bundled model) on 127.0.0.1 and let N
-gradio_client visitors each caption and then explain several example scenes, all at the same time.
+"""Many visitors at once: start the real app (`python app.py`, the bundled model or `--model PATH`) on 127.0.0.1
+and let N gradio_client visitors each caption and then explain several example images (scenes for the bundled
+model, the example photos for any other), all at the same time, with the page's default map.
 
     OMP_NUM_THREADS=1 python scripts/loadtest.py --clients 20 --images 3 [--rounds 2]
+    python scripts/loadtest.py --model /tmp/full --clients 5 --images 2   # the hub-size architecture
 
 Prints a Markdown table: requests/s, p50/p95 latency, errors (must be 0) and the server's resident memory (idle
 before, peak during, idle after each round of visitors), then stops the server. Exits 1 on any error, or when
@@ -26,6 +28,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENES = sorted(str(p) for p in (ROOT / "assets" / "examples").glob("scene_*.png"))
+PHOTOS = sorted(str(p) for p in (ROOT / "assets" / "examples").glob("*.jpg"))
 RESULT = 4  # /caption and /explain return (words, word overlay, CLS overlay, strip, result JSON, info)
 
 
@@ -56,12 +59,15 @@ class Sampler(threading.Thread):
                 return
 
 
-def start_server(port: int, startup_s: float, log=subprocess.DEVNULL) -> subprocess.Popen:
-    """`python app.py` serving on 127.0.0.1:port, its output going to `log` (a file: a pipe nobody reads would
-    fill and stall the server)."""
+def start_server(port: int, startup_s: float, log=subprocess.DEVNULL, model: str | None = None) -> subprocess.Popen:
+    """`python app.py` serving `model` (default: the bundled one) on 127.0.0.1:port, its output going to `log` (a
+    file: a pipe nobody reads would fill and stall the server)."""
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
            "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     env.pop("CAPTIONER_MODEL", None)  # the default: the bundled model
+    env.pop("CAPTIONER_EXTRA_MODELS", None)
+    if model:
+        env["CAPTIONER_MODEL"] = model
     server = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + startup_s
     while time.monotonic() < deadline:
@@ -85,21 +91,22 @@ def stop_server(server: subprocess.Popen) -> None:
         server.wait()
 
 
-def visitor(url: str, index: int, n_images: int, timeout: float, deadline: float) -> list[tuple[str, float, str]]:
-    """One visitor: for each of its scenes, /caption and then /explain of the caption it got.
-    -> [(endpoint, seconds, error or "")]."""
+def visitor(url: str, index: int, n_images: int, timeout: float, deadline: float,
+            pool: list[str] = SCENES, text: str | None = None) -> list[tuple[str, float, str]]:
+    """One visitor: for each of its images (from `pool`), /caption and then /explain of the caption it got (or of
+    `text`). -> [(endpoint, seconds, error or "")]."""
     from gradio_client import Client, handle_file
 
     client = Client(url, analytics_enabled=False, verbose=False)
     calls = []
     for k in range(n_images):
-        scene = handle_file(SCENES[(index + k) % len(SCENES)])
+        scene = handle_file(pool[(index + k) % len(pool)])
         caption = None
         for api_name in ("/caption", "/explain"):
             if time.monotonic() > deadline:
                 calls.append((api_name, 0.0, "deadline passed before the request"))
                 continue
-            args = (scene,) if api_name == "/caption" else (scene, caption or "a small red circle")
+            args = (scene,) if api_name == "/caption" else (scene, text or caption or "a small red circle")
             start = time.perf_counter()
             try:
                 result = client.submit(*args, api_name=api_name).result(timeout=timeout)[RESULT]
@@ -122,22 +129,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=300, help="seconds one request may take")
     ap.add_argument("--deadline", type=float, default=600, help="seconds the whole run may take")
     ap.add_argument("--startup", type=float, default=120, help="seconds app.py may take to start serving")
+    ap.add_argument("--model", help="model folder the server loads (default: the bundled scene model)")
+    ap.add_argument("--text", help="caption each visitor explains (default: the one /caption gave it). For the "
+                    "random full-size model: its random vocabulary spells a decoded caption in ~10x more tokens "
+                    "than it was generated with, which no real tokenizer does")
     args = ap.parse_args(argv)
+    pool = PHOTOS if args.model else SCENES
 
     port = free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix="loadtest-server-", suffix=".log", delete=False)
-    server = start_server(port, args.startup, log)
+    server = start_server(port, args.startup, log, args.model)
     try:
         url = f"http://127.0.0.1:{port}/"
-        visitor(url, 0, 1, args.timeout, time.monotonic() + args.timeout)  # warm-up: first call pays lazy costs
+        visitor(url, 0, 1, args.timeout, time.monotonic() + args.timeout, pool, args.text)  # warm-up: lazy costs
         idle = [rss_mb(server.pid)]  # after the warm-up, then after each round
         sampler = Sampler(server.pid)
         sampler.start()
         wall, deadline, calls = 0.0, time.monotonic() + args.deadline, []
         for _ in range(args.rounds):  # the same server again: does memory level off or keep growing?
             start = time.perf_counter()
-            with ThreadPoolExecutor(args.clients) as pool:
-                futures = [pool.submit(visitor, url, i, args.images, args.timeout, deadline)
+            with ThreadPoolExecutor(args.clients) as executor:
+                futures = [executor.submit(visitor, url, i, args.images, args.timeout, deadline, pool, args.text)
                            for i in range(args.clients)]
                 calls += [call for f in futures for call in f.result()]
             wall += time.perf_counter() - start
@@ -152,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     errors = [(api, err) for api, _, err in calls if err]
     rows = [("all", [s for _, s, err in calls if not err])] + \
         [(api, [s for a, s, err in calls if a == api and not err]) for api in ("/caption", "/explain")]
-    print(f"\n{args.rounds} x {args.clients} visitors x {args.images} scenes x (/caption + /explain), bundled model, "
+    model = Path(args.model).name if args.model else "bundled model"
+    print(f"\n{args.rounds} x {args.clients} visitors x {args.images} images x (/caption + /explain), {model}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} CPUs\n")
     print("| endpoint | requests | errors | requests/s | p50 s | p95 s | max s |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -129,3 +129,73 @@ def test_unusable_uploads_get_a_message_a_person_understands(client, tmp_path, c
 def test_files_outside_the_allowed_paths_are_refused(app_url):
     r = httpx.get(f"{app_url}/gradio_api/file=/etc/passwd", follow_redirects=True, timeout=30)
     assert r.status_code != 200 or "root:" not in r.text
+
+
+def test_heatmap_for_word_k_is_the_librarys_overlay_for_word_k(client, tiny, image_file):
+    from captioner import render
+
+    text = CAPTIONS[0]
+    lib = tiny.explain(read_image(image_file), text)  # the page's default method, as /heatmap's
+    for k in (0, 3, len(lib.words) - 1):
+        with Image.open(client.predict(handle_file(image_file), text, k, api_name="/heatmap")) as im:
+            got = np.asarray(im.convert("RGB")).astype(int)
+        want = render.titled_overlay(lib.image, lib.word_maps[k], f"'{lib.words[k]}'  p={lib.word_probs[k]:.2f}")
+        assert got.shape == want.shape and np.abs(got - want).max() <= 2, f"word {k}"
+
+
+@pytest.fixture(scope="module")
+def page(tiny_dir):
+    """The page's handlers, called in-process as Gradio calls them (no server), by function name."""
+    import app
+
+    demo = app.build_demo([tiny_dir])
+    return {f.fn.__name__: f.fn for f in demo.fns.values() if f.fn is not None}
+
+
+def test_clicks_and_the_grid_redraw_from_the_state_and_a_method_change_never_regenerates(page, tiny, monkeypatch):
+    import gradio as gr
+
+    import captioner
+    from captioner import pipeline, render
+
+    calls = {"encode": 0, "generate": 0}
+    encode, generate = captioner.Captioner._encode, pipeline.generate_ids
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(captioner.Captioner, "_encode", counting("encode", encode))
+    monkeypatch.setattr(pipeline, "generate_ids", counting("generate", generate))
+    state = page["caption"](image_for(0), 40)[-1]
+    res = state["result"]
+    assert calls == {"encode": 1, "generate": 1} and len(res.words) > 3
+
+    def title(k):
+        return f"'{res.words[k]}'  p={res.word_probs[k]:.2f}"
+
+    for k in range(len(res.words)):
+        words, overlay, state = page["on_select"](state, False, gr.SelectData(None, {"index": k, "value": None}))
+        assert np.array_equal(overlay, render.titled_overlay(res.image, res.word_maps[k], title(k)))
+        assert [label for _, label in words].count("selected") == 1 and words[k][1] == "selected"
+    k = len(res.words) - 1  # the word selected last stays selected when the grid is drawn
+    words, overlay, cls, strip = page["redraw"](state, True)
+    assert np.array_equal(overlay, render.titled_overlay(res.image, res.word_maps[k], title(k), True))
+    assert words[k][1] == "selected" and not np.array_equal(overlay, render.titled_overlay(
+        res.image, res.word_maps[k], title(k), False))
+    assert calls == {"encode": 1, "generate": 1}, "a click and the grid never call the model"
+    remapped = page["remap"](state, False, "attention", "all", -1)[-1]["result"]
+    assert calls == {"encode": 2, "generate": 1}, "a method change maps again without generating"
+    assert remapped.token_ids == res.token_ids and remapped.method == "attention"
+    want = tiny.explain(image_for(0), res.text, method="attention")
+    np.testing.assert_allclose(remapped.word_maps, want.word_maps, atol=1e-5)
+
+
+def test_the_page_keeps_at_most_a_display_sized_image_per_visitor(page):
+    from captioner import render
+
+    big = np.asarray(Image.fromarray(image_for(2)).resize((2048, 1365)))
+    state = page["caption"](big, 8, 1)[-1]
+    assert max(state["result"].image.shape[:2]) == render.PAGE_MAX_SIDE

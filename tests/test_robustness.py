@@ -273,6 +273,36 @@ def test_a_huge_file_is_refused_without_reading_it(tmp_path):
     assert rss.growth_mb < 3 * images.MAX_FILE_BYTES / 1e6
 
 
+def test_the_projects_pixel_limit_refuses_what_pillow_would_decode(client, tmp_path):
+    """48 MP: under Pillow's own bomb limit (179 MP), so only the project's 40 MP check stands in the way."""
+    w, h = 8000, 6000
+    assert images.MAX_PIXELS < w * h < 2 * Image.MAX_IMAGE_PIXELS
+    path = tmp_path / "48mp.png"
+    path.write_bytes(_png_bomb(w, h))
+    with pytest.raises(ValueError, match=f"limit is {images.MAX_PIXELS // 1_000_000} megapixels"):
+        images.read_image(path)
+    with pytest.raises(AppError, match="megapixels"):
+        _call(client, handle_file(str(path)), api_name="/caption")
+    small = tmp_path / "39mp.png"  # just under the limit: decoded (and brought down to MAX_SIDE)
+    small.write_bytes(_png_bomb(7800, 5000))
+    assert images.read_image(small).shape == (round(5000 * images.MAX_SIDE / 7800), images.MAX_SIDE, 3)
+
+
+def test_a_file_one_byte_over_50_mb_is_refused_and_one_of_50_mb_is_read(client, tmp_path):
+    """The project's file limit at its own threshold, through the library and the app (whose server here has no
+    max_file_size: `python app.py` adds one, tested slow below)."""
+    png = _encoded(Image.fromarray(image_for(1)), "PNG")  # trailing bytes after IEND are ignored by decoders
+    at_limit, over = tmp_path / "at.png", tmp_path / "over.png"
+    at_limit.write_bytes(png + bytes(images.MAX_FILE_BYTES - len(png)))
+    over.write_bytes(png + bytes(images.MAX_FILE_BYTES + 1 - len(png)))
+    assert images.MAX_FILE_BYTES == 50_000_000, "README promises 50 MB"
+    assert images.read_image(at_limit).shape == (*image_for(1).shape[:2], 3)
+    with pytest.raises(ValueError, match="larger than 50 MB"):
+        images.read_image(over)
+    with pytest.raises(AppError, match="larger than 50 MB"):
+        _call(client, handle_file(str(over)), api_name="/caption")
+
+
 # ------------------------------------------------------------------------------------------- hostile parameters
 
 @pytest.mark.parametrize("api_name, args, words", [  # tests/test_app.py covers the sliders' plain range errors
