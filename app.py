@@ -25,7 +25,10 @@ COLOURS = {"selected": "#fde047", "sure (≥ 90%)": "#86efac", "likely (50–90%
 
 
 def _label(path: str) -> str:
-    return BUNDLED_LABEL if path == captioner.BUNDLED_MODEL else path  # a hub id is its own label
+    """What the dropdown and API callers see: a hub id as it is, a local folder by its name (never a server path)."""
+    if path == captioner.BUNDLED_MODEL:
+        return BUNDLED_LABEL
+    return Path(path).name if Path(path).is_dir() else path
 
 
 def page_models() -> list[str]:
@@ -70,7 +73,8 @@ def _word_view(res: captioner.CaptionResult, k: int, grid: bool):
 def _pictures(res: captioner.CaptionResult, k: int, grid: bool):
     """Every picture of a result (words, word overlay, CLS overlay, strip), drawn from it: no model call."""
     words, overlay = _word_view(res, k, grid)
-    cls = render.titled_overlay(res.image, res.cls_map, f"ViT CLS token ({res.method})", grid)
+    title = f"ViT CLS token ({res.method})" if res.cls_map.any() else "no CLS map for this encoder"
+    cls = render.titled_overlay(res.image, res.cls_map, title, grid)
     return words, overlay, cls, render.word_strip(res.image, res.words, res.word_maps, grid=grid)
 
 

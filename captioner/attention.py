@@ -57,26 +57,22 @@ def rollout(encoder_attentions: tuple[torch.Tensor, ...], head=None) -> torch.Te
     return joint
 
 
-def patch_maps(rows: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
-    """(..., N) rows over encoder tokens -> (..., gh, gw) maps. The CLS key is dropped: it summarises the
-    whole image and has no place on the grid."""
+def patch_maps(rows: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> np.ndarray:
+    """(..., N) rows over encoder tokens -> (..., gh, gw) maps. The `prefix` tokens before the patches (CLS, a
+    distillation token, registers: `layout.EncoderLayout.prefix`) are dropped: they summarise the whole image and
+    have no place on the grid."""
     gh, gw = grid
-    assert rows.shape[-1] - 1 == gh * gw, f"{rows.shape[-1] - 1} patch keys do not fill a {gh}x{gw} grid"
-    return rows[..., 1:].reshape(*rows.shape[:-1], gh, gw).detach().cpu().numpy().astype(np.float32)
+    assert rows.shape[-1] - prefix == gh * gw, \
+        f"{rows.shape[-1] - prefix} patch keys (after {prefix} prefix tokens) do not fill a {gh}x{gw} grid"
+    return rows[..., prefix:].reshape(*rows.shape[:-1], gh, gw).detach().float().cpu().numpy()
 
 
-def token_maps(cross_attentions: tuple[torch.Tensor, ...], grid: tuple[int, int], layers=None,
-               head=None) -> np.ndarray:
-    """Raw cross-attention map of each caption token, (T, gh, gw)."""
-    return patch_maps(cross_rows(cross_attentions, layers, head), grid)
-
-
-def cls_map(encoder_attentions: tuple[torch.Tensor, ...], grid: tuple[int, int], layers=None,
-            head=None) -> np.ndarray:
+def cls_map(encoder_attentions: tuple[torch.Tensor, ...], grid: tuple[int, int], layers=None, head=None,
+            prefix: int = 1) -> np.ndarray:
     """Where the ViT's CLS token looks, (gh, gw) in [0, 1]: last layer by default, mean over heads, patch keys."""
     stacked = torch.stack([a[0] for a in encoder_attentions]).float()  # (L, H, N, N)
     row = _select(stacked, [-1] if layers is None else layers, head)[0]  # (N,): the CLS query
-    return normalise(patch_maps(row, grid))
+    return normalise(patch_maps(row, grid, prefix))
 
 
 def word_maps(maps: np.ndarray, groups: list[list[int]]) -> np.ndarray:

@@ -1,5 +1,5 @@
 """How fast is `Captioner.caption` (caption + every word map + the CLS map) against plain `generate` (the caption
-alone)? Prints a table; asserts nothing.
+alone), how close to the machine's floor, and what does the default map cost? Prints a table; asserts nothing.
 
     python -m captioner.bench [--model PATH] [--repeats N] [--full-size-dir DIR]
 
@@ -7,8 +7,10 @@ Two models: the full-size architecture of nlpconnect/vit-gpt2-image-captioning (
 cross-attention, vocab 50257) built offline from default configs with random weights and a random byte-level BPE
 of the same size, and `--model` (default: `captioner.default_model()`). For each, beam 4 and greedy with 16 new
 tokens alternate the anchor (plain `generate` from pixels on the model loaded with default SDPA attention) and
-`cap.caption(...)` on one image, and report medians, the ratio and whether the tokens were identical. Then: the
-int8 path (speed and word agreement with fp32), a word click (overlay of one word on a 1024 px image from the
+`cap.caption(...)` on one image, and report medians, the ratio and whether the tokens were identical; the floor
+(the encoder, then 16 steps that only stream every decoder weight once through the faster kernel) and the
+kernels `fastdecode` chose on this machine; the default map method against attention for an 11-word caption
+(explain, and caption + maps) and a server-like process's peak RSS. Then: the int8 path (speed and word agreement with fp32), a word click (overlay of one word on a 1024 px image from the
 cached maps), cold start to first caption in a fresh process with its peak RSS, and batch mode in images/s.
 """
 from __future__ import annotations
@@ -24,9 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import captioner
+
+from . import fastdecode
 
 from .architecture import ModelConfig, image_processor
 from .render import titled_overlay
@@ -60,6 +65,16 @@ def build_full_size(folder: str | Path, seed: int = 0) -> str:
     return str(folder)
 
 
+def _cpu_name() -> str:
+    """The CPU's model name as lscpu prints it (every figure here belongs to that machine)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        import platform
+        return platform.processor() or "unknown CPU"
+
+
 def _median(times: list[float]) -> float:
     return statistics.median(times)
 
@@ -75,16 +90,17 @@ def plain_generate(model, processor, image, num_beams: int, max_new_tokens: int 
 
 
 def compare(cap, anchor, image, num_beams: int, repeats: int) -> dict:
-    """Alternate plain generate and cap.caption on one image (one warm-up each); medians in seconds."""
+    """Alternate plain generate and cap.caption (attention maps: what decoding itself costs) on one image, one
+    warm-up each; medians in seconds."""
     plain, ours = [], []
     ids = plain_generate(anchor, cap.processor, image, num_beams)
-    res = cap.caption(image, max_new_tokens=NEW_TOKENS, num_beams=num_beams)
+    res = cap.caption(image, max_new_tokens=NEW_TOKENS, num_beams=num_beams, method="attention")
     for _ in range(repeats):
         t = time.perf_counter()
         ids = plain_generate(anchor, cap.processor, image, num_beams)
         plain.append(time.perf_counter() - t)
         t = time.perf_counter()
-        res = cap.caption(image, max_new_tokens=NEW_TOKENS, num_beams=num_beams)
+        res = cap.caption(image, max_new_tokens=NEW_TOKENS, num_beams=num_beams, method="attention")
         ours.append(time.perf_counter() - t)
     return {"plain": _median(plain), "ours": _median(ours), "same": ids == res.token_ids,
             "tokens": len(res.token_ids), "words": len(res.words)}
@@ -100,9 +116,9 @@ def int8_figures(cap, cap8, images: list, num_beams: int = 4) -> dict:
     """Median caption() time fp32 vs int8 over `images`, mean word and token agreement, exact-caption share."""
     fp32, int8, agree, tokens, exact = [], [], [], [], []
     cap8.caption(images[0], max_new_tokens=NEW_TOKENS, num_beams=num_beams)  # warm-up
-    for image in images:
+    for image in images:  # attention maps on both sides: int8 has no gradients for relevance
         t = time.perf_counter()
-        a = cap.caption(image, max_new_tokens=NEW_TOKENS, num_beams=num_beams)
+        a = cap.caption(image, max_new_tokens=NEW_TOKENS, num_beams=num_beams, method="attention")
         fp32.append(time.perf_counter() - t)
         t = time.perf_counter()
         b = cap8.caption(image, max_new_tokens=NEW_TOKENS, num_beams=num_beams)
@@ -127,6 +143,69 @@ def click_ms(res, clicks: int = 30) -> float:
     return 1000 * _median(times)
 
 
+def eleven_words(tokenizer) -> str:
+    """An 11-word caption whose every word is one token of `tokenizer` (the random BPE spells English words in
+    many pieces, so a real sentence would be several times longer than a real caption's 11-13 tokens)."""
+    words = []
+    for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+        word = token[1:]
+        if token.startswith("\u0120") and word.isascii() and word.isalpha() and 2 <= len(word) <= 6 and \
+                len(tokenizer(" " + word, add_special_tokens=False).input_ids) == 1:
+            words.append(word)
+        if len(words) == 11:
+            break
+    return " ".join(words)
+
+
+def floor_seconds(cap, anchor, image, rows: int, repeats: int, new_tokens: int = NEW_TOKENS) -> dict:
+    """The least a caption can cost here: the anchor's encoder (SDPA, no attentions), then `new_tokens` steps that
+    only multiply `rows` rows by every decoder weight once (LM head included; not the cross-attention key/value
+    projections, which any decoder with a cache applies once per image), each weight through the kernel
+    `fastdecode` chose for it, and through `F.linear` alone. Medians in seconds."""
+    weights = [w for name, m in cap.model.decoder.named_modules() if not name.endswith("crossattention.c_attn")
+               for w in [fastdecode._weight(m)] if w is not None]
+    kernels = fastdecode.kernels_for(cap.model)
+    pixel_values = cap.pixel_values(image)
+    xs = {k: torch.randn(rows, k) for k in {w.shape[1] for w in weights}}
+    threads = torch.get_num_threads()
+
+    def run(chosen: bool) -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            anchor.encoder(pixel_values=pixel_values)
+            for _ in range(new_tokens):
+                for w in weights:
+                    x = xs[w.shape[1]]
+                    if chosen and kernels.choose(w, rows) == "bmm":
+                        fastdecode._bmm_split(x, w, threads)
+                    else:
+                        F.linear(x, w)
+        return time.perf_counter() - t
+
+    run(True), run(False)  # warm-up (and the kernels' timing, if not done yet)
+    best, linear = [], []
+    for _ in range(repeats):
+        best.append(run(True))
+        linear.append(run(False))
+    return {"floor": _median(best), "linear": _median(linear)}
+
+
+def map_cost(cap, image, text: str, repeats: int) -> dict:
+    """Median seconds of explain(image, text) and caption(image) (beam 4, 16 tokens) with the default method and
+    with attention, alternated in one run."""
+    times = {(kind, m): [] for kind in ("explain", "caption") for m in (captioner.DEFAULT_METHOD, "attention")}
+    calls = {"explain": lambda m: cap.explain(image, text, method=m),
+             "caption": lambda m: cap.caption(image, max_new_tokens=NEW_TOKENS, num_beams=4, method=m)}
+    for kind, m in times:  # warm-up
+        calls[kind](m)
+    for _ in range(repeats):
+        for kind, m in times:
+            t = time.perf_counter()
+            calls[kind](m)
+            times[kind, m].append(time.perf_counter() - t)
+    return {key: _median(v) for key, v in times.items()}
+
+
 _COLD = """
 import json, resource, sys, time
 t0 = time.perf_counter()
@@ -135,23 +214,26 @@ from PIL import Image
 t1 = time.perf_counter()
 cap = captioner.load(sys.argv[1])
 t2 = time.perf_counter()
-res = cap.caption(Image.open(sys.argv[2]), max_new_tokens=16, num_beams=4)
+image = Image.open(sys.argv[2])
+res = cap.caption(image, max_new_tokens=16, num_beams=4)
 t3 = time.perf_counter()
+for method in captioner.METHODS:  # what a visitor can ask for next, so that the peak is a server's
+    cap.explain(image, sys.argv[3], method=method)
 try:  # VmHWM: this process's own peak; ru_maxrss would include the parent it was forked from
     rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
 except OSError:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"import": t1 - t0, "load": t2 - t1, "caption": t3 - t2, "rss_mb": rss}))
+print(json.dumps({"wall": t3 - t0, "import": t1 - t0, "load": t2 - t1, "caption": t3 - t2, "rss_mb": rss}))
 """
 
 
-def cold_start(folder: str, image_path: str) -> dict:
-    """A fresh interpreter: import, load from the local folder, first caption (beam 4). Wall seconds from process
-    start (the weights are in the OS file cache by then), its parts, and the process's peak resident memory."""
-    t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", _COLD, folder, image_path], capture_output=True, text=True,
+def cold_start(folder: str, image_path: str, text: str) -> dict:
+    """A fresh interpreter: import, load from the local folder, first caption (beam 4, default map). Seconds from
+    process start (the weights are in the OS file cache by then) and its parts; then `text` explained with every
+    method, and the process's peak resident memory over all of it."""
+    out = subprocess.run([sys.executable, "-c", _COLD, folder, image_path, text], capture_output=True, text=True,
                          check=True)
-    return {"wall": time.perf_counter() - t, **json.loads(out.stdout.strip().splitlines()[-1])}
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def batch_figures(cap, images: list, batch_size: int = 8, num_beams: int = 4) -> dict:
@@ -175,14 +257,25 @@ def _load_anchor(folder: str):
 
 
 def bench_model(label: str, folder: str, image, int8_images: list, batch_images: list, repeats: int,
-                rows: list, extras: list):
+                rows: list, extras: list, text: str):
     """Append this model's table rows and extra lines; returns its fp32 Captioner."""
     cap, anchor = captioner.load(folder, device="cpu"), _load_anchor(folder)
     for beams, mode in ((4, "beam 4"), (1, "greedy")):
         r = compare(cap, anchor, image, beams, repeats)
+        f = floor_seconds(cap, anchor, image, beams, repeats)
         rows.append(f"{label:<22} {mode:<7} {r['plain']:>9.3f} s {r['ours']:>9.3f} s {r['plain'] / r['ours']:>6.2f}x"
-                    f"  {'yes' if r['same'] else 'NO':<4} {r['tokens']:>3} tokens, {r['words']} words")
+                    f"  {'yes' if r['same'] else 'NO':<4} {f['floor']:>7.3f} s {r['ours'] / f['floor']:>6.2f}x"
+                    f"   {f['linear']:>7.3f} s  {r['tokens']:>3} tokens, {r['words']} words")
     del anchor
+    extras.append(f"{label}: kernels chosen on this machine (fastdecode.Kernels):")
+    extras += [f"    {line}" for line in fastdecode.kernels_for(cap.model).summary()]
+    m = map_cost(cap, image, text, repeats)
+    d = captioner.DEFAULT_METHOD
+    extras.append(f"{label}: default map ({d}) vs attention, {len(text.split())}-word caption: explain "
+                  f"{m['explain', d]:.3f} s vs {m['explain', 'attention']:.3f} s "
+                  f"({m['explain', d] / m['explain', 'attention']:.2f}x); caption + maps (beam 4) "
+                  f"{m['caption', d]:.3f} s vs {m['caption', 'attention']:.3f} s "
+                  f"({m['caption', d] / m['caption', 'attention']:.2f}x)")
     cap8 = captioner.load(folder, device="cpu", int8=True)
     q = int8_figures(cap, cap8, int8_images)
     extras.append(f"{label}: int8 beam 4 caption()+maps {q['int8']:.3f} s vs fp32 {q['fp32']:.3f} s "
@@ -207,8 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     photos = sorted(EXAMPLES.glob("*.jpg"))
     photo = np.asarray(Image.open(photos[0]).convert("RGB"))
     scenes = [np.asarray(make_scene(1_000_000 + k).image) for k in range(24)]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {NEW_TOKENS} new tokens, fp32, "
-          f"{args.repeats} timed repeats after a warm-up, medians")
+    print(f"{_cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {NEW_TOKENS} new tokens, "
+          f"fp32, {args.repeats} timed repeats after a warm-up, medians")
     rows, extras = [], []
     with tempfile.TemporaryDirectory() as tmp:
         full = args.full_size_dir or tmp
@@ -217,24 +310,28 @@ def main(argv: list[str] | None = None) -> None:
             build_full_size(full)
             print(f"built the full-size random model in {time.perf_counter() - t:.0f} s -> {full}")
         photo_images = [np.asarray(Image.open(p).convert("RGB")) for p in photos]
+        text = eleven_words(captioner.load(full).tokenizer)
         cap = bench_model("vit-gpt2 size (random)", full, photo, photo_images, (photo_images * 2)[:8],
-                          args.repeats, rows, extras)
+                          args.repeats, rows, extras, text)
         big = np.asarray(Image.open(photos[0]).convert("RGB").resize((1024, 1024)))
         res = cap.caption(big, max_new_tokens=NEW_TOKENS)
         del cap
         extras.append(f"word click, 1024x1024 image, titled_overlay from cached maps: {click_ms(res):.1f} ms median")
-        c = cold_start(full, str(photos[0]))
-        extras.append(f"vit-gpt2 size (random): cold start to first caption {c['wall']:.1f} s wall (import "
-                      f"{c['import']:.1f} s, load {c['load']:.1f} s, caption {c['caption']:.1f} s), peak RSS "
-                      f"{c['rss_mb']:.0f} MB")
+        c = cold_start(full, str(photos[0]), text)
+        extras.append(f"vit-gpt2 size (random): cold start to first caption {c['wall']:.1f} s (import "
+                      f"{c['import']:.1f} s, load {c['load']:.1f} s, caption {c['caption']:.1f} s); peak RSS "
+                      f"{c['rss_mb']:.0f} MB after that caption and an explain with each method")
     label = "bundled scene model" if second == captioner.BUNDLED_MODEL else Path(second).name[-22:]
-    bench_model(label, second, scenes[0], scenes, scenes[:16], args.repeats, rows, extras)
+    scene_text = make_scene(1_000_000).caption
+    bench_model(label, second, scenes[0], scenes, scenes[:16], args.repeats, rows, extras, scene_text)
     scene_png = EXAMPLES / "scene_17.png"
-    c = cold_start(second, str(scene_png))
-    extras.append(f"{label}: cold start to first caption {c['wall']:.1f} s wall (import {c['import']:.1f} s, "
-                  f"load {c['load']:.1f} s, caption {c['caption']:.2f} s), peak RSS {c['rss_mb']:.0f} MB")
-    print(f"\n{'model':<22} {'mode':<7} {'generate':>11} {'caption()':>11} {'ratio':>7}  same tokens")
-    print(f"{'':<22} {'':<7} {'(caption)':>11} {'(+ maps)':>11}")
+    c = cold_start(second, str(scene_png), scene_text)
+    extras.append(f"{label}: cold start to first caption {c['wall']:.1f} s (import {c['import']:.1f} s, "
+                  f"load {c['load']:.1f} s, caption {c['caption']:.2f} s); peak RSS {c['rss_mb']:.0f} MB")
+    print(f"\n{'model':<22} {'mode':<7} {'generate':>11} {'caption()':>11} {'ratio':>7}  {'same':<4} "
+          f"{'floor':>9} {'/floor':>7}   {'F.linear':>9}")
+    print(f"{'':<22} {'':<7} {'(caption)':>11} {'(+attn maps)':>11} {'':>7}  {'':<4} {'':>9} {'':>7}   "
+          f"{'floor':>9}")
     print("\n".join(rows))
     print()
     print("\n".join(extras))

@@ -14,6 +14,7 @@ import torch
 
 from . import attention
 from .forcing import decoder_input
+from .layout import EncoderLayout
 from .relevance import relevance_rows
 
 
@@ -26,28 +27,31 @@ class Maps:
 
 
 def attention_maps(cross_attentions: tuple[torch.Tensor, ...], encoder_attentions: tuple[torch.Tensor, ...],
-                   token_logp: torch.Tensor, groups: list[list[int]], grid: tuple[int, int], layers=None,
+                   token_logp: torch.Tensor, groups: list[list[int]], layout: EncoderLayout, layers=None,
                    head=None) -> Maps:
     """cross_attentions: L tensors (1, H, T, N), row k written while producing token k; encoder_attentions: L_enc
-    tensors (1, H, N, N); token_logp (T,)."""
-    tokens = attention.patch_maps(attention.cross_rows(cross_attentions, layers, head), grid)  # (T, gh, gw)
-    return Maps(attention.word_maps(tokens, groups), tokens,
-                attention.cls_map(encoder_attentions, grid, layers, head), _probs(token_logp))
+    tensors (1, H, N, N), or None for an encoder without a CLS token (its CLS map is then all zeros); token_logp
+    (T,)."""
+    rows = attention.cross_rows(cross_attentions, layers, head)  # (T, N)
+    tokens = attention.patch_maps(rows, layout.grid, layout.prefix)  # (T, gh, gw)
+    cls = attention.cls_map(encoder_attentions, layout.grid, layers, head, layout.prefix) if layout.has_cls \
+        else np.zeros(layout.grid, np.float32)
+    return Maps(attention.word_maps(tokens, groups), tokens, cls, _probs(token_logp))
 
 
 def rollout_maps(cross_attentions: tuple[torch.Tensor, ...], encoder_attentions: tuple[torch.Tensor, ...],
-                 token_logp: torch.Tensor, groups: list[list[int]], grid: tuple[int, int], layers=None,
+                 token_logp: torch.Tensor, groups: list[list[int]], layout: EncoderLayout, layers=None,
                  head=None) -> Maps:
     """As `attention_maps`, each row pushed back through the encoder's patch mixing; CLS: the rollout's CLS row."""
     joint = attention.rollout(encoder_attentions, head)  # (N, N)
     rows = attention.cross_rows(cross_attentions, layers, head).to(joint)  # (T, N)
-    tokens = attention.patch_maps(rows @ joint, grid)  # (T, gh, gw)
+    tokens = attention.patch_maps(rows @ joint, layout.grid, layout.prefix)  # (T, gh, gw)
     return Maps(attention.word_maps(tokens, groups), tokens,
-                attention.normalise(attention.patch_maps(joint[0], grid)), _probs(token_logp))
+                attention.normalise(attention.patch_maps(joint[0], layout.grid, layout.prefix)), _probs(token_logp))
 
 
 def relevance_maps(model, enc, start_token_id: int, ids: list[int], groups: list[list[int]],
-                   grid: tuple[int, int]) -> Maps:
+                   layout: EncoderLayout) -> Maps:
     """enc: the encoder output with attentions. One target per word plus the whole caption (its row gives the raw
     token maps); CLS: the encoder relevance's CLS row."""
     device = enc.last_hidden_state.device
@@ -58,8 +62,10 @@ def relevance_maps(model, enc, start_token_id: int, ids: list[int], groups: list
     r_ti, r_ii, token_logp = relevance_rows(model, enc, decoder_input(start_token_id, ids, device), targets)
     words = torch.stack([r_ti[w, g].sum(0) if g else torch.zeros_like(r_ti[0, 0])
                          for w, g in enumerate(groups)]) if groups else r_ti[:0, 0]  # (W, N)
-    return Maps(attention.normalise(attention.patch_maps(words, grid)), attention.patch_maps(r_ti[-1, :len(ids)], grid),
-                attention.normalise(attention.patch_maps(r_ii[0], grid)), _probs(token_logp))
+    grid, prefix = layout.grid, layout.prefix
+    return Maps(attention.normalise(attention.patch_maps(words, grid, prefix)),
+                attention.patch_maps(r_ti[-1, :len(ids)], grid, prefix),
+                attention.normalise(attention.patch_maps(r_ii[0], grid, prefix)), _probs(token_logp))
 
 
 def _probs(token_logp: torch.Tensor) -> np.ndarray:

@@ -12,9 +12,9 @@ from . import attention, fastdecode
 from .fastdecode import Decoded
 from .forcing import forced
 from .maps import Maps, attention_maps, relevance_maps, rollout_maps
-from .architecture import grid_shape
 from .decoding import GenerationSettings, generate_batch, generate_ids
 from .images import to_rgb
+from .layout import encoder_layout
 from .words import group_generated, group_typed
 
 METHODS = ("attention", "rollout", "relevance")
@@ -67,7 +67,8 @@ class Captioner:
         self.model, self.tokenizer, self.processor, self.name = model.eval(), tokenizer, processor, name
         fastdecode.conv1d_out_in(model.decoder)
         self.device = next(model.parameters()).device
-        self.grid = grid_shape(model.config)  # (gh, gw)
+        self.layout = encoder_layout(model, processor)  # patch grid, prefix tokens, CLS or not, windowed or not
+        self.grid = self.layout.grid  # (gh, gw)
         self.max_tokens = model.config.decoder.n_positions if hasattr(model.config.decoder, "n_positions") \
             else model.config.decoder.max_position_embeddings
         self.eos_token_id = model.generation_config.eos_token_id
@@ -76,9 +77,10 @@ class Captioner:
         self.start_token_id = model.config.decoder_start_token_id
         self.default_max_new_tokens = model.generation_config.max_new_tokens or 16
         self.fast_decoding = True  # greedy and beam search by `fastdecode` (generate's tokens, faster); False: generate
-        # int8 layers have no gradients, so an int8 model's maps default to attention; every other model's to relevance
+        # int8 layers have no gradients and windowed encoders (Swin) no token-to-token attention, so their maps
+        # default to attention; every other model's to relevance
         self.int8 = any("quantized" in type(m).__module__ for m in model.modules())
-        self.default_method = "attention" if self.int8 else DEFAULT_METHOD
+        self.default_method = "attention" if self.int8 or self.layout.windowed else DEFAULT_METHOD
 
     def __repr__(self) -> str:
         return f"Captioner({self.name!r}, device={self.device}, grid={self.grid})"
@@ -105,7 +107,7 @@ class Captioner:
     def _encode(self, image):
         """-> (rgb (H, W, 3) uint8, encoder output with attentions (1, H, N, N) per layer)."""
         rgb = to_rgb(image)
-        return rgb, self.model.encoder(pixel_values=self.pixel_values(rgb), output_attentions=True)
+        return rgb, self.model.encoder(pixel_values=self.pixel_values(rgb), output_attentions=not self.layout.windowed)
 
     def _maps(self, enc, ids: list[int], groups: list[list[int]], method: str, layers, head,
               decoded: Decoded | None = None) -> Maps:
@@ -117,15 +119,21 @@ class Captioner:
         if method == "relevance" and (layers is not None or head is not None):
             raise ValueError("relevance weighs every layer and head itself; layers and head apply to the attention "
                              "and rollout methods.")
+        if method in ("rollout", "relevance") and self.layout.windowed:
+            raise ValueError(f"{method} follows attention from token to token through the encoder, and this "
+                             f"{self.layout.model_type} encoder attends only within local windows: use "
+                             "method='attention'.")
         if method == "relevance" and self.int8:
             raise ValueError("relevance needs gradients, which int8 layers do not have: use method='attention' or "
                              "'rollout', or load the model without int8.")
         gh, gw = self.grid
         if not ids:
             empty = np.zeros((0, gh, gw), np.float32)
-            return Maps(empty, empty, attention.cls_map(enc.attentions, self.grid, layers, head), np.zeros(0))
+            cls = attention.cls_map(enc.attentions, self.grid, layers, head, self.layout.prefix) \
+                if self.layout.has_cls else np.zeros(self.grid, np.float32)
+            return Maps(empty, empty, cls, np.zeros(0))
         if method == "relevance":
-            return relevance_maps(self.model, enc, self.start_token_id, ids, groups, self.grid)
+            return relevance_maps(self.model, enc, self.start_token_id, ids, groups, self.layout)
         if decoded is not None and decoded.cross is not None:
             cross = tuple(decoded.cross[:, layer].transpose(0, 1)[None] for layer in range(decoded.cross.shape[1]))
             logp = decoded.logp  # (T,); cross: L tensors (1, H, T, N)
@@ -133,7 +141,7 @@ class Captioner:
             f = forced(self.model, enc.last_hidden_state.detach(), self.start_token_id, ids)
             cross, logp = f.cross_attentions, f.token_logp
         fn = attention_maps if method == "attention" else rollout_maps
-        return fn(cross, enc.attentions, logp, groups, self.grid, layers, head)
+        return fn(cross, enc.attentions, logp, groups, self.layout, layers, head)
 
     def _result(self, rgb, ids, words, groups, maps: Maps, settings, notes, seconds, method, layers,
                 head) -> CaptionResult:
@@ -148,6 +156,8 @@ class Captioner:
                 decoded=None) -> CaptionResult:
         t = time.perf_counter()
         method = method or self.default_method
+        if not self.layout.has_cls:
+            notes = [*notes, f"This {self.layout.model_type} encoder has no CLS token, so there is no CLS map."]
         maps = self._maps(enc, ids, groups, method, layers, head, decoded)
         seconds["maps"] = time.perf_counter() - t
         return self._result(rgb, ids, words, groups, maps, settings, notes, seconds, method, layers, head)
@@ -203,7 +213,7 @@ class Captioner:
         t = time.perf_counter()
         rgbs = [to_rgb(image) for image in images]
         pixel_values = self.pixel_values(rgbs)  # (B, 3, h, w)
-        enc = self.model.encoder(pixel_values=pixel_values, output_attentions=True)
+        enc = self.model.encoder(pixel_values=pixel_values, output_attentions=not self.layout.windowed)
         encode = (time.perf_counter() - t) / len(rgbs)
         t = time.perf_counter()
         batch = generate_batch(self.model, enc.last_hidden_state, settings, self.eos_token_id, self.fast_decoding)
@@ -211,7 +221,7 @@ class Captioner:
         results = []
         for i, (rgb, decoded) in enumerate(zip(rgbs, batch)):
             one = BaseModelOutput(last_hidden_state=enc.last_hidden_state[i:i + 1],
-                                  attentions=tuple(a[i:i + 1] for a in enc.attentions))  # image i's (1, ...)
+                                  attentions=enc.attentions and tuple(a[i:i + 1] for a in enc.attentions))
             text, words, groups = group_generated(self.tokenizer, decoded.ids)
             notes = [] if words else [EMPTY_CAPTION]
             results.append(self._mapped(rgb, one, decoded.ids, words, groups,

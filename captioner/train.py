@@ -97,12 +97,28 @@ def _model_and_preprocessing(cfg: TrainConfig):
     return build_model(PRESETS[cfg.preset], tokenizer, cfg.seed), tokenizer, image_processor(PRESETS[cfg.preset])
 
 
+# The parameters a VisionEncoderDecoderModel adds between encoder and decoder, by decoder family: GPT-2's
+# `crossattention` + `ln_cross_attn`, BERT's and RoBERTa's `crossattention` (its LayerNorm inside), TrOCR's and
+# MBart's `encoder_attn` + `encoder_attn_layer_norm`, and the projection used when encoder and decoder widths differ.
+CROSS_ATTENTION_NAMES = ("crossattention", "ln_cross_attn", "encoder_attn", "enc_to_dec_proj")
+
+
+def cross_attention_parameters(model) -> list[str]:
+    """Names of the parameters that join the encoder to the decoder; raises if this decoder family has none we know."""
+    names = [n for n, _ in model.named_parameters() if any(key in n for key in CROSS_ATTENTION_NAMES)]
+    if not names:
+        raise RuntimeError(f"No cross-attention parameters found in {type(model.decoder).__name__} (looked for names "
+                           f"containing {', '.join(CROSS_ATTENTION_NAMES)}): the first training stage would train "
+                           "nothing. Set --stage-decoder 0.")
+    return names
+
+
 def _set_stage(model, step: int, cfg: TrainConfig) -> str:
     """Freeze by stage; parameters without gradients are skipped by AdamW, so one optimizer serves all stages."""
     stage = "all" if step >= cfg.stage_all else "decoder" if step >= cfg.stage_decoder else "cross"
+    cross = set(cross_attention_parameters(model)) if stage != "all" else set()
     for name, p in model.named_parameters():
-        p.requires_grad_(stage == "all" or (name.startswith("decoder.") and
-                                            (stage == "decoder" or "crossattention" in name or "ln_cross" in name)))
+        p.requires_grad_(stage == "all" or (stage == "decoder" and name.startswith("decoder.")) or name in cross)
     return stage
 
 

@@ -153,24 +153,26 @@ def test_beam_search_follows_length_penalty_and_early_stopping(random_eos, tiny,
         try:
             reference = _reference(cap)
             for k in range(len(CAPTIONS)):
-                for num_beams, max_new_tokens in ((3, 14), (4, 24)):
+                for num_beams, max_new_tokens in ((2, 24), (3, 14), (4, 24)):
                     assert _fast(cap, [image_for(k)], num_beams, max_new_tokens) == \
                         _plain(cap, [image_for(k)], num_beams, max_new_tokens, reference), (cap.name, k, num_beams)
         finally:
             gen.length_penalty, gen.early_stopping = saved
 
 
-def test_length_penalty_changes_which_beam_wins(random_eos):
-    """The test above has power: on these images the length penalty picks other captions."""
+@pytest.mark.parametrize("setting, values", [("length_penalty", (-2.0, 3.0)), ("early_stopping", (False, "never"))])
+def test_the_settings_above_change_which_beam_wins(random_eos, setting, values):
+    """The test above has power: on these images the length penalty, and "never" against False, pick other
+    captions (with 2 beams: "never" keeps searching after False would have stopped)."""
     gen = random_eos.model.generation_config
-    picked = {}
-    for penalty in (-2.0, 3.0):
-        gen.length_penalty = penalty
+    saved, picked = getattr(gen, setting), {}
+    for value in values:
+        setattr(gen, setting, value)
         try:
-            picked[penalty] = [_fast(random_eos, [image_for(k)], 4, 24)[0] for k in range(len(CAPTIONS))]
+            picked[value] = [_fast(random_eos, [image_for(k)], 2, 24)[0] for k in range(len(CAPTIONS))]
         finally:
-            gen.length_penalty = 1.0
-    assert picked[-2.0] != picked[3.0]
+            setattr(gen, setting, saved)
+    assert picked[values[0]] != picked[values[1]]
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
