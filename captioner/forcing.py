@@ -18,11 +18,16 @@ def decoder_input(start_token_id: int, ids: list[int], device) -> torch.Tensor:
     return torch.tensor([[start_token_id, *ids]], device=device)
 
 
-def token_log_probs(logits: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:
+def token_log_probs(logits: torch.Tensor, decoder_input_ids: torch.Tensor, then: int | None = None) -> torch.Tensor:
     """log p(caption token k) for every k, (..., T), from logits (..., T+1, V) of a forced pass over
-    decoder_input_ids (..., T+1): row k predicts token k, which sits at input position k + 1."""
-    logp = logits[..., :-1, :].float().log_softmax(-1)  # (..., T, V)
-    return logp.gather(-1, decoder_input_ids[..., 1:, None])[..., 0]  # (..., T)
+    decoder_input_ids (..., T+1): row k predicts token k, which sits at input position k + 1. then: a token the last
+    row is scored for as well (EOS, for a caption's likelihood), giving (..., T+1)."""
+    targets = decoder_input_ids[..., 1:]  # (..., T)
+    if then is None:
+        logits = logits[..., :-1, :]  # the last row predicts what comes after the caption: unused
+    else:
+        targets = torch.cat((targets, torch.full_like(targets[..., :1], then)), -1)  # (..., T+1)
+    return logits.float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
 
 
 @dataclass

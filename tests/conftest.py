@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import captioner
-from captioner.architecture import PRESETS, build_model, image_processor
-from captioner.vocabulary import bpe_tokenizer
+from captioner_train.architecture import PRESETS, build_model, image_processor
+from captioner_train.vocabulary import bpe_tokenizer
 
 # Captions whose words the small BPE vocabulary splits into several tokens ("skateboard" -> "Ġsk" "ate" ...).
 CAPTIONS = ["a dog riding a skateboard on the street", "a cat sitting under a wooden table",

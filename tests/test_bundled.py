@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from captioner.evaluate import EVAL_SEEDS_START, evaluate, pointing_hit
-from captioner.synthetic import IMAGE_SIZE, make_scene
+from captioner_train.evaluate import EVAL_SEEDS_START, evaluate, pointing_hit
+from captioner_train.synthetic import IMAGE_SIZE, make_scene
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# README's table (`python -m captioner.evaluate assets/model`, 500 held-out scenes) and the margins this guard allows
+# README's table (`python -m captioner_train.evaluate assets/model`, 500 held-out scenes) and the margins this guard allows
 # on 60 of those scenes: at ~90 % a 60-scene rate has a standard error of ~4 points, so 10 points below README's
 # figure is 2.5 standard errors (a real drop, not bad luck); pointing, near 100 %, gets 5 points.
 README_EXACT_BEAM4, EXACT_MARGIN = 0.912, 0.10

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from captioner.evaluate import (EVAL_SEEDS_START, caption_scores, evaluate, main, pointing_hit, token_nll,
+from captioner_train.evaluate import (EVAL_SEEDS_START, caption_scores, evaluate, main, pointing_hit, token_nll,
                                 uniform_hit_rate)
-from captioner.synthetic import IMAGE_SIZE, make_scene, write_dataset
+from captioner_train.synthetic import IMAGE_SIZE, make_scene, write_dataset
 
 SQUARE = (IMAGE_SIZE, IMAGE_SIZE)  # (H, W)
 

@@ -16,7 +16,7 @@ from transformers import (BeitConfig, BertConfig, DeiTConfig, GPT2Config, MBartC
                           VisionEncoderDecoderModel)
 
 import captioner
-from captioner.vocabulary import word_tokenizer
+from captioner_train.vocabulary import word_tokenizer
 from conftest import free_port, image_for
 
 WORDS = "a dog cat on the street table red blue sitting riding under".split()
@@ -169,7 +169,7 @@ def test_every_family_through_the_three_endpoints(families, tmp_path):
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_staged_training_finds_each_familys_cross_attention(families, name):
-    from captioner import train
+    from captioner_train import train
 
     model = VisionEncoderDecoderModel.from_pretrained(families[name][0])
     cfg = train.TrainConfig(stage_decoder=10, stage_all=20)
@@ -182,7 +182,7 @@ def test_staged_training_finds_each_familys_cross_attention(families, name):
 
 
 def test_staged_training_refuses_a_decoder_without_known_cross_attention(families, monkeypatch):
-    from captioner import train
+    from captioner_train import train
 
     model = VisionEncoderDecoderModel.from_pretrained(families["vit-bert"][0])
     monkeypatch.setattr(train, "CROSS_ATTENTION_NAMES", ("no_such_layer",))

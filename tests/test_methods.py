@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from captioner import attention, faithfulness
+from captioner import attention
+from captioner_train import faithfulness
 from captioner.relevance import relevance_rows
 from conftest import image_for
 

@@ -1,5 +1,5 @@
 """The fast path: `fastdecode` gives plain `generate`'s tokens (every beam-search setting, every kernel, int8) and the
-attention that produced them; int8, batch mode, the CLI. No timing assertions here: `python -m captioner.bench`
+attention that produced them; int8, batch mode, the CLI. No timing assertions here: `python -m captioner_train.bench`
 prints the speeds."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from captioner.__main__ import main as cli
 from captioner.decoding import GenerationSettings, generate_batch, generate_ids
 from captioner.fastdecode import conv1d_out_in
 from captioner.quantize import conv1d_to_linear
-from captioner.vocabulary import random_bpe_tokenizer
+from captioner_train.vocabulary import random_bpe_tokenizer
 from conftest import CAPTIONS, atol, image_for
 
 
@@ -233,8 +233,8 @@ def test_int8_fast_decoding_equals_generate_on_the_same_int8_model(tiny_dir):
 def test_a_decoder_that_is_not_gpt2_decodes_through_generate(tmp_path):
     """A ViT + BERT captioner (manga-ocr's layout): the fast path says why not and `generate` decodes."""
     from transformers import BertConfig, ViTConfig, VisionEncoderDecoderConfig
-    from captioner.architecture import image_processor, PRESETS
-    from captioner.vocabulary import bpe_tokenizer
+    from captioner_train.architecture import image_processor, PRESETS
+    from captioner_train.vocabulary import bpe_tokenizer
 
     tok = bpe_tokenizer(CAPTIONS * 4, vocab_size=300)
     cfg = PRESETS["tiny"]

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 import captioner
-from captioner import synthetic, train
-from captioner.architecture import PRESETS, image_processor
-from captioner.data import CocoCaptions, Collator, FlickrCaptions, SyntheticScenes
-from captioner.vocabulary import bpe_tokenizer, word_tokenizer
+from captioner_train import synthetic, train
+from captioner_train.architecture import PRESETS, build_model, image_processor
+from captioner_train.data import CocoCaptions, Collator, FlickrCaptions, SyntheticScenes
+from captioner_train.vocabulary import bpe_tokenizer, word_tokenizer
 
 
 def _config(tmp_path, **kw) -> train.TrainConfig:
@@ -81,7 +81,7 @@ def test_coco_format_training(tmp_path):
             "annotations": [{"id": 100 + i, "image_id": i, "caption": c + " ."} for i, (_, c) in enumerate(names)]}
     (tmp_path / "captions.json").write_text(json.dumps(coco))
     ds = CocoCaptions(tmp_path / "captions.json", tmp_path / "images")
-    assert len(ds) == 12 and ds[0][1] == names[0][1] + " ." and ds[0][0].mode == "RGB"
+    assert len(ds) == 12 and ds[0][1] == names[0][1] + " ." and ds[0][0].shape[2] == 3 and ds[0][0].dtype == np.uint8
     out = train.main(_config(tmp_path, data="coco", train_json=str(tmp_path / "captions.json"),
                              val_json=str(tmp_path / "captions.json"), image_dir=str(tmp_path / "images"),
                              batch_size=4, epochs=1))
@@ -104,7 +104,7 @@ def test_flickr_karpathy_format_training(tmp_path):
 
 def test_staged_training_freezes_by_step():
     tok = word_tokenizer(synthetic.VOCABULARY)
-    model = captioner.architecture.build_model(PRESETS["tiny"], tok)
+    model = build_model(PRESETS["tiny"], tok)
     cfg = train.TrainConfig(stage_decoder=10, stage_all=20)
     trainable = lambda: {n for n, p in model.named_parameters() if p.requires_grad}  # noqa: E731
     assert train._set_stage(model, 0, cfg) == "cross"

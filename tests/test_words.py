@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from captioner.vocabulary import bpe_tokenizer, word_tokenizer
+from captioner_train.vocabulary import bpe_tokenizer, word_tokenizer
 from captioner.words import group_generated, group_typed
 
 

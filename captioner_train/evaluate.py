@@ -1,4 +1,4 @@
-"""How good are the captions, and do the word maps point at the right object? `python -m captioner.evaluate MODEL`.
+"""How good are the captions, and do the word maps point at the right object? `python -m captioner_train.evaluate MODEL`.
 
 Held-out synthetic scenes (seeds EVAL_SEEDS_START.., used by neither training nor tests) give both answers,
 because each scene has exactly one right caption and a box for every object it names:
@@ -28,11 +28,14 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from tqdm.auto import tqdm
 
-from .loading import load
-from .pipeline import Captioner
+from captioner.forcing import decoder_input, token_log_probs
+from captioner.loading import load
+from captioner.pipeline import Captioner
+
+from .faithfulness import compare_methods, methods_table
+from .pointing import EVAL_SEEDS_START, pointing_hit, uniform_hit_rate
 from .synthetic import IMAGE_SIZE, make_scene
 
-EVAL_SEEDS_START = 5_000_000  # training uses seeds >= 9_999_000 (validation included), tests use small seeds
 RANDOM_MAP_SEED = 0  # the random-map baseline draws the same noise on every run
 
 MapFn = Callable[[Captioner, Image.Image, str], np.ndarray]  # (cap, image, caption) -> (W, gh, gw) word maps
@@ -42,42 +45,6 @@ def default_maps(cap: Captioner, image, text: str) -> np.ndarray:
     """The pipeline's word maps for `text` on `image` by its default method, (W, gh, gw): the pointing game's
     default map source."""
     return cap.explain(image, text).word_maps
-
-
-def _expanded_box(box, image_size, grid) -> tuple[float, float, float, float, float, float]:
-    """(x0, y0, x1, y1) grown by half a patch on each side, plus the patch size (pw, ph) in pixels."""
-    (H, W), (gh, gw) = image_size, grid
-    pw, ph = W / gw, H / gh
-    x0, y0, x1, y1 = box
-    return x0 - pw / 2, y0 - ph / 2, x1 + pw / 2, y1 + ph / 2, pw, ph
-
-
-def pointing_hit(word_map: np.ndarray, box, image_size) -> bool:
-    """Whether the peak of `word_map` (gh, gw) falls on `box` (x0, y0, x1, y1 pixels, x1/y1 exclusive) of an
-    image of `image_size` (H, W).
-
-    Map cell (i, j) covers pixels [j*pw, (j+1)*pw) x [i*ph, (i+1)*ph), pw = W/gw, ph = H/gh. A hit means the
-    argmax cell's centre lies strictly inside the box grown by half a patch on each side, which is the same as
-    the argmax cell overlapping the box: a box that ends exactly on a cell's edge does not count for that cell.
-    Ties go to the first cell in row-major order; a constant map has no peak and never hits.
-    """
-    gh, gw = word_map.shape
-    if word_map.max() == word_map.min():
-        return False
-    i, j = np.unravel_index(int(np.argmax(word_map)), (gh, gw))
-    ex0, ey0, ex1, ey1, pw, ph = _expanded_box(box, image_size, (gh, gw))
-    cx, cy = (j + 0.5) * pw, (i + 0.5) * ph
-    return bool(ex0 < cx < ex1 and ey0 < cy < ey1)
-
-
-def uniform_hit_rate(grid: tuple[int, int], box, image_size) -> float:
-    """Expected pointing hit of a uniform map (its argmax is a random cell): the fraction of the grid's cells
-    that `pointing_hit` would accept for `box`."""
-    gh, gw = grid
-    ex0, ey0, ex1, ey1, pw, ph = _expanded_box(box, image_size, grid)
-    cx = (np.arange(gw) + 0.5) * pw  # (gw,) cell centres
-    cy = (np.arange(gh) + 0.5) * ph  # (gh,)
-    return float(((ex0 < cx) & (cx < ex1)).sum() * ((ey0 < cy) & (cy < ey1)).sum() / (gh * gw))
 
 
 def normalise_caption(text: str) -> str:
@@ -110,10 +77,9 @@ def token_nll(cap: Captioner, image, text: str) -> np.ndarray:
     """
     ids, _ = cap.tokenize(text)
     pixel_values = cap.pixel_values(image)  # (1, 3, h, w)
-    decoder_input_ids = torch.tensor([[cap.start_token_id, *ids]], device=cap.device)  # (1, T+1)
-    targets = torch.tensor([*ids, cap.eos_token_id], device=cap.device)  # (T+1,): row t predicts token t
-    logits = cap.model(pixel_values=pixel_values, decoder_input_ids=decoder_input_ids).logits[0].float()  # (T+1, V)
-    return -logits.log_softmax(-1).gather(1, targets[:, None])[:, 0].cpu().numpy()  # (T+1,)
+    decoder_input_ids = decoder_input(cap.start_token_id, ids, cap.device)  # (1, T+1)
+    logits = cap.model(pixel_values=pixel_values, decoder_input_ids=decoder_input_ids).logits  # (1, T+1, V)
+    return -token_log_probs(logits, decoder_input_ids, then=cap.eos_token_id)[0].cpu().numpy()  # (T+1,): then EOS
 
 
 def _rate(hits: Sequence[float]) -> float | None:
@@ -267,7 +233,6 @@ def main(argv=None) -> list[dict]:
     print(f"{cap.name}: {args.scenes} held-out scenes (seeds {args.seed_start}..{args.seed_start + args.scenes - 1})\n")
     print(markdown_table(results))
     if args.methods:
-        from .faithfulness import compare_methods, methods_table
         by_method = compare_methods(cap, args.method_scenes, args.seed_start, args.methods,
                                     progress=not args.no_progress)
         print(f"\nMap methods on the object nouns of {args.method_scenes} held-out scenes (true captions)\n")

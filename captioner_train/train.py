@@ -1,4 +1,4 @@
-"""Train a ViT + GPT-2 captioner: `python -m captioner.train ...` or `accelerate launch -m captioner.train ...`.
+"""Train a ViT + GPT-2 captioner: `python -m captioner_train.train ...` or `accelerate launch -m captioner_train.train ...`.
 
 Data: synthetic scenes (default), COCO captions, or Flickr Karpathy splits. Model: a small preset from configs
 (the bundled scene model) or pretrained encoder and decoder checkpoints joined by fresh cross-attention.
@@ -40,7 +40,7 @@ class TrainConfig:
     val_image_dir: str = ""  # coco val images
     train_size: int = 200_000  # synthetic scenes per epoch, or a cap on real data samples
     val_size: int = 1_000  # validation samples
-    preset: str = "scenes"  # model config from captioner.architecture.PRESETS, when not pretrained
+    preset: str = "scenes"  # model config from captioner_train.architecture.PRESETS, when not pretrained
     encoder: str = ""  # pretrained encoder, e.g. google/vit-base-patch16-224-in21k
     decoder: str = ""  # pretrained decoder, e.g. gpt2
     epochs: int = 1

@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from captioner.images import read_image
 
 from .synthetic import make_scene
 
@@ -27,9 +30,11 @@ class CocoCaptions(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[Image.Image, str]:
+    def __getitem__(self, i: int) -> tuple[np.ndarray, str]:
+        """(image (H, W, 3) uint8 RGB, caption): decoded by `captioner.images.read_image`, as the Space decodes an
+        upload (EXIF rotation applied, transparency on white), so the model trains on what it will be shown."""
         name, caption = self.items[i]
-        return Image.open(self.image_dir / name).convert("RGB"), caption
+        return read_image(self.image_dir / name), caption
 
 
 class FlickrCaptions(CocoCaptions):

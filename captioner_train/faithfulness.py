@@ -14,8 +14,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .evaluate import EVAL_SEEDS_START, pointing_hit
-from .pipeline import METHODS, Captioner
+from captioner.forcing import decoder_input, token_log_probs
+from captioner.pipeline import METHODS, Captioner
+
+from .pointing import EVAL_SEEDS_START, pointing_hit
 from .synthetic import IMAGE_SIZE, make_scene
 
 STEPS = 8  # deletion steps: 0, 1/8, ..., 8/8 of the patches greyed out
@@ -35,9 +37,9 @@ def deletion_curve(cap: Captioner, image, text: str, word: int, order: np.ndarra
             i, j = divmod(int(flat), gw)
             # 0 is the processor's mean colour: the patch carries no information any more
             batch[s, :, i * h // gh:(i + 1) * h // gh, j * w // gw:(j + 1) * w // gw] = 0
-    decoder_input_ids = torch.tensor([[cap.start_token_id, *ids]], device=cap.device).repeat(STEPS + 1, 1)
-    logits = cap.model(pixel_values=batch, decoder_input_ids=decoder_input_ids).logits[:, :-1].float()
-    logp = logits.log_softmax(-1).gather(-1, decoder_input_ids[:, 1:, None])[..., 0]  # (S+1, T)
+    decoder_input_ids = decoder_input(cap.start_token_id, ids, cap.device).repeat(STEPS + 1, 1)  # (S+1, T+1)
+    logits = cap.model(pixel_values=batch, decoder_input_ids=decoder_input_ids).logits
+    logp = token_log_probs(logits, decoder_input_ids)  # (S+1, T)
     return logp[:, groups[word]].sum(-1).exp().cpu().numpy()
 
 
