@@ -67,15 +67,15 @@ def _word_view(res: captioner.CaptionResult, k: int, grid: bool):
     if not res.words:
         return _words(res, None), None
     title = f"'{res.words[k]}'  p={res.word_probs[k]:.2f}"
-    return _words(res, k), render.titled_overlay(res.image, res.word_maps[k], title, grid)
+    return _words(res, k), render.titled_overlay(res.image, res.word_maps[k], title, grid, res.view)
 
 
 def _pictures(res: captioner.CaptionResult, k: int, grid: bool):
     """Every picture of a result (words, word overlay, CLS overlay, strip), drawn from it: no model call."""
     words, overlay = _word_view(res, k, grid)
     title = f"ViT CLS token ({res.method})" if res.cls_map.any() else "no CLS map for this encoder"
-    cls = render.titled_overlay(res.image, res.cls_map, title, grid)
-    return words, overlay, cls, render.word_strip(res.image, res.words, res.word_maps, grid=grid)
+    cls = render.titled_overlay(res.image, res.cls_map, title, grid, res.view)
+    return words, overlay, cls, render.word_strip(res.image, res.words, res.word_maps, grid=grid, view=res.view)
 
 
 def _publish(cap: captioner.Captioner, res: captioner.CaptionResult, grid: bool, model: str | None):
@@ -127,7 +127,7 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
                              "caption.")
         k = int(word_index)
         return render.titled_overlay(res.image, res.word_maps[k], f"'{res.words[k]}'  p={res.word_probs[k]:.2f}",
-                                     grid)
+                                     grid, res.view)
 
     @page_errors
     @on_gpu

@@ -44,10 +44,10 @@ def _write_overlays(res, folder: Path) -> tuple[list[str], str]:
     words = []
     for k, (word, heat) in enumerate(zip(res.words, res.word_maps)):
         path = folder / f"{k:02d}_{re.sub(r'[^A-Za-z0-9]+', '_', word).strip('_')[:32] or 'word'}.png"
-        path.write_bytes(encode_png(titled_overlay(res.image, heat, f"{k + 1}. {word}")))
+        path.write_bytes(encode_png(titled_overlay(res.image, heat, f"{k + 1}. {word}", view=res.view)))
         words.append(str(path))
     cls = folder / "cls.png"
-    cls.write_bytes(encode_png(titled_overlay(res.image, res.cls_map, "CLS: whole image")))
+    cls.write_bytes(encode_png(titled_overlay(res.image, res.cls_map, "CLS: whole image", view=res.view)))
     return words, str(cls)
 
 

@@ -55,3 +55,49 @@ def encoder_layout(model, processor) -> EncoderLayout:
                            "grid (from image_size and patch_size in its config).")
     windowed = cfg.model_type in WINDOWED
     return EncoderLayout((gh, gw), prefix, prefix >= 1 and not windowed, windowed, cfg.model_type)
+
+
+FULL_VIEW = (0.0, 0.0, 1.0, 1.0)
+
+
+def _crops_or_pads(processor) -> bool:
+    size = getattr(processor, "size", None) or {}
+    return bool(getattr(processor, "do_center_crop", False) or getattr(processor, "do_pad", False) or
+                getattr(processor, "do_thumbnail", False) or "shortest_edge" in size or "longest_edge" in size)
+
+
+def image_view(processor, size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """Where the model's input canvas lies on a photo of `size` (H, W): (x0, y0, x1, y1) as fractions of the photo's
+    width and height. (0, 0, 1, 1) when the processor squashes the whole photo; inside it when it centre-crops
+    (the map covers only the crop); beyond it when it pads.
+
+    Measured, not read from the processor's settings: a photo-sized probe whose red channel ramps with x and green
+    with y goes through the processor, and straight lines fitted to what comes out give the canvas's edges, for
+    any mix of resizing, cropping and padding.
+    """
+    if not _crops_or_pads(processor):
+        return FULL_VIEW
+    H, W = size
+    scale = min(1.0, 512 / max(H, W))  # the fractions do not depend on the resolution
+    h, w = max(2, round(H * scale)), max(2, round(W * scale))
+    probe = np.zeros((h, w, 3), np.uint8)
+    probe[..., 0] = np.round(np.linspace(0, 255, w))[None, :]  # x ramp
+    probe[..., 1] = np.round(np.linspace(0, 255, h))[:, None]  # y ramp
+    probe[..., 2] = 255  # the photo, as opposed to padding
+    out = processor(images=probe, return_tensors="np")["pixel_values"][0].astype(np.float64)  # (3, ch, cw)
+    if getattr(processor, "do_normalize", False):
+        mean, std = np.asarray(processor.image_mean)[:, None, None], np.asarray(processor.image_std)[:, None, None]
+        out = out * std + mean
+    if getattr(processor, "do_rescale", False):
+        out = out / processor.rescale_factor
+    ch, cw = out.shape[1:]
+    inside = out[2] > 127  # (ch, cw)
+    edges = []
+    for ramp, axis, n in ((out[0], 1, w), (out[1], 0, h)):  # x along columns, y along rows
+        line = ramp.mean(1 - axis)  # (cw,) or (ch,): the ramp averaged across the other axis
+        seen = inside.any(1 - axis)
+        u = (np.arange(line.shape[0]) + 0.5) / line.shape[0]  # canvas pixel centres, as fractions
+        a, b = np.polyfit(u[seen], line[seen] / 255 * (n - 1) / n + 0.5 / n, 1)  # photo fraction = a u + b
+        edges.append((b, a + b))
+    (x0, x1), (y0, y1) = edges
+    return tuple(round(float(v), 4) for v in (x0, y0, x1, y1))

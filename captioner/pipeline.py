@@ -14,7 +14,7 @@ from .forcing import forced
 from .maps import Maps, attention_maps, relevance_maps, rollout_maps
 from .decoding import GenerationSettings, generate_batch, generate_ids
 from .images import to_rgb
-from .layout import encoder_layout
+from .layout import FULL_VIEW, encoder_layout, image_view
 from .words import group_generated, group_typed
 
 METHODS = ("attention", "rollout", "relevance")
@@ -43,6 +43,7 @@ class CaptionResult:
     layers: list[int] | None = None  # layers averaged (None: the method's default)
     head: int | None = None  # head shown (None: mean over heads)
     image: np.ndarray | None = field(default=None, repr=False)  # (H, W, 3) uint8 RGB the maps cover
+    view: tuple[float, float, float, float] = FULL_VIEW  # where the maps lie on the image: (x0, y0, x1, y1), fractions
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -51,6 +52,7 @@ class CaptionResult:
     def to_json(self) -> dict:
         """Plain JSON types (maps as nested lists), as the API returns it."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "image"}  # no image copy
+        out["view"] = list(self.view)
         for key in ("word_maps", "cls_map", "token_maps"):
             out[key] = np.round(out[key], 4).tolist()
         out["caption"] = out["text"]
@@ -150,7 +152,7 @@ class Captioner:
             word_probs=[float(np.prod(maps.probs[g])) if g else 0.0 for g in groups], token_ids=list(ids),
             tokens=self.tokenizer.convert_ids_to_tokens(list(ids)), word_tokens=groups, token_maps=maps.tokens,
             image_size=tuple(rgb.shape[:2]), model=self.name, settings=settings, notes=notes, seconds=seconds,
-            method=method, layers=layers, head=head, image=rgb)
+            method=method, layers=layers, head=head, image=rgb, view=image_view(self.processor, rgb.shape[:2]))
 
     def _mapped(self, rgb, enc, ids, words, groups, settings, notes, seconds, method, layers, head,
                 decoded=None) -> CaptionResult:

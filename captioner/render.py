@@ -41,21 +41,40 @@ def colourize(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def blend_heatmap(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5, grid: bool = False) -> np.ndarray:
+FULL_VIEW = (0.0, 0.0, 1.0, 1.0)
+UNSEEN = 0.35  # brightness of the parts of the photo the model never saw (cropped away by its processor)
+
+
+def blend_heatmap(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5, grid: bool = False,
+                  view: tuple[float, float, float, float] = FULL_VIEW) -> np.ndarray:
     """Overlay a (gh, gw) map on an (H, W, 3) uint8 RGB image -> new (H, W, 3) uint8 RGB; the input is untouched.
 
-    grid=True draws the patch grid the ViT reads (its "words") on top.
+    view (x0, y0, x1, y1): where the model's input lay on the photo, as fractions of its width and height
+    (`layout.image_view`): the map is drawn there only, and what the model never saw is dimmed. grid=True draws
+    the patch grid the ViT reads (its "words") on top.
     """
     assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8, "image must be (H, W, 3) uint8"
     assert heat.ndim == 2, f"heat must be (gh, gw), got {heat.shape}"
     h, w = image.shape[:2]
-    out = cv2.addWeighted(image, 1.0 - alpha, colourize(heat, (h, w)), alpha, 0.0)
+    x0, y0, x1, y1 = view
+    left, top = round(x0 * w), round(y0 * h)  # the canvas's corner on the photo (negative: padded)
+    cw, ch = max(1, round((x1 - x0) * w)), max(1, round((y1 - y0) * h))
+    colours = colourize(heat, (ch, cw))  # (ch, cw, 3): the map over the whole canvas
+    px0, py0, px1, py1 = max(left, 0), max(top, 0), min(left + cw, w), min(top + ch, h)  # the part on the photo
+    out = (image * UNSEEN).astype(np.uint8) if (px0, py0, px1, py1) != (0, 0, w, h) else image.copy()
+    seen = image[py0:py1, px0:px1]
+    out[py0:py1, px0:px1] = cv2.addWeighted(seen, 1.0 - alpha, colours[py0 - top:py1 - top, px0 - left:px1 - left],
+                                            alpha, 0.0)
     if grid:
         gh, gw = heat.shape
         for i in range(1, gh):
-            out[round(i * h / gh), :] = (255, 255, 255)
+            y = top + round(i * ch / gh)
+            if py0 <= y < py1:
+                out[y, px0:px1] = (255, 255, 255)
         for j in range(1, gw):
-            out[:, round(j * w / gw)] = (255, 255, 255)
+            x = left + round(j * cw / gw)
+            if px0 <= x < px1:
+                out[py0:py1, x] = (255, 255, 255)
     return out
 
 
@@ -81,14 +100,16 @@ def with_colour_scale(overlay: np.ndarray, title: str = "") -> np.ndarray:
     return np.concatenate([overlay, bar], axis=0)
 
 
-def titled_overlay(image: np.ndarray, heat: np.ndarray, title: str, grid: bool = False) -> np.ndarray:
-    """What the page shows for one map: the (display-sized) image with the map blended in, a colour scale and
-    a title underneath. (H, W, 3) uint8 RGB -> (H', W', 3) uint8 RGB."""
-    return with_colour_scale(blend_heatmap(display_image(image), heat, grid=grid), title)
+def titled_overlay(image: np.ndarray, heat: np.ndarray, title: str, grid: bool = False,
+                   view: tuple[float, float, float, float] = FULL_VIEW) -> np.ndarray:
+    """What the page shows for one map: the (display-sized) image with the map blended in where the model looked
+    (`view`), a colour scale and a title underneath. (H, W, 3) uint8 RGB -> (H', W', 3) uint8 RGB."""
+    return with_colour_scale(blend_heatmap(display_image(image), heat, grid=grid, view=view), title)
 
 
 def word_strip(image: np.ndarray, words: list[str], maps: np.ndarray, tile: int = 160,
-               columns: int = 6, grid: bool = False) -> np.ndarray:
+               columns: int = 6, grid: bool = False, view: tuple[float, float, float, float] = FULL_VIEW
+               ) -> np.ndarray:
     """The classic per-word attention figure: one labelled overlay per word, `columns` to a row.
 
     image (H, W, 3) uint8, maps (len(words), gh, gw) -> (rows*(tile+label), columns*tile, 3) uint8 RGB.
@@ -105,7 +126,7 @@ def word_strip(image: np.ndarray, words: list[str], maps: np.ndarray, tile: int 
     for k, (word, heat) in enumerate(zip(words, maps)):
         r, c = divmod(k, columns)
         y, x = r * (th + label_h), c * tw
-        sheet[y + label_h: y + label_h + th, x: x + tw] = blend_heatmap(small, heat, grid=grid)
+        sheet[y + label_h: y + label_h + th, x: x + tw] = blend_heatmap(small, heat, grid=grid, view=view)
         cv2.putText(sheet, f"{k + 1}. {word}"[:22], (x + 4, y + 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1,
                     cv2.LINE_AA)
     return sheet

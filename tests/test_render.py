@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from captioner import render
+from conftest import image_for
 
 
 def _hot_corner(gh=4, gw=6):
@@ -57,3 +59,63 @@ def test_png_round_trip_keeps_rgb_order():
     image[..., 0] = 255
     decoded = cv2.imdecode(np.frombuffer(render.encode_png(image), np.uint8), cv2.IMREAD_COLOR)
     assert decoded[0, 0].tolist() == [0, 0, 255]  # BGR on disk means red survived
+
+
+# ----------------------------------------------------------------------- processors that centre-crop or pad
+
+def _clip_style(side: int = 48, width: int | None = None):
+    """A processor that resizes the shorter side to `side`, then centre-crops side x width (CLIP's and DeiT's
+    way)."""
+    from transformers import CLIPImageProcessor
+    return CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": width or side},
+                              do_convert_rgb=True)
+
+
+def test_the_view_of_a_centre_cropping_processor_is_measured():
+    from captioner.layout import FULL_VIEW, image_view
+    from captioner_train.architecture import image_processor, ModelConfig
+
+    # 60 x 120 photo: shorter side 60 -> 48 (x 0.8), so 96 wide; the middle 48 columns are kept: x from 1/4 to 3/4
+    np.testing.assert_allclose(image_view(_clip_style(), (60, 120)), (0.25, 0.0, 0.75, 1.0), atol=0.01)
+    np.testing.assert_allclose(image_view(_clip_style(), (200, 50)), (0.0, 0.375, 1.0, 0.625), atol=0.01)
+    assert image_view(image_processor(ModelConfig()), (60, 120)) == FULL_VIEW, "a squashing processor sees it all"
+
+
+def test_an_overlay_lands_on_the_crop_and_dims_what_the_model_never_saw():
+    from captioner import render
+
+    photo = np.full((60, 120, 3), 200, np.uint8)
+    heat = np.zeros((4, 4), np.float32)
+    heat[0, 0] = 1.0  # the crop's top-left patch
+    out = render.blend_heatmap(photo, heat, view=(0.25, 0.0, 0.75, 1.0))
+    assert (out[:, :29] == int(200 * render.UNSEEN)).all() and (out[:, 91:] == int(200 * render.UNSEEN)).all(), \
+        "left and right of the crop: the photo dimmed, no colour"
+    hot = render.colourize(np.ones((1, 1), np.float32), (1, 1))[0, 0].astype(int)
+    blended_hot = (photo[0, 0].astype(int) + hot) / 2
+    assert np.abs(out[2, 31].astype(int) - blended_hot).max() <= 3, "the hottest colour at the crop's corner"
+    assert np.abs(out[2, 2].astype(int) - blended_hot).max() > 40, "not at the photo's corner"
+    full = render.blend_heatmap(photo, heat)  # a squashing processor: the hot patch at the photo's corner
+    assert np.abs(full[2, 2].astype(int) - blended_hot).max() <= 3
+    with_grid = render.blend_heatmap(photo, heat, grid=True, view=(0.25, 0.0, 0.75, 1.0))
+    assert (with_grid[15, 30:90] == 255).all() and (with_grid[15, :30] != 255).all(), "grid lines on the crop only"
+
+
+def test_a_captioner_with_a_cropping_processor_reports_and_draws_its_view(tiny_dir, tmp_path):
+    import shutil
+
+    import captioner
+    from captioner import render
+
+    folder = tmp_path / "cropping"
+    shutil.copytree(tiny_dir, folder)
+    for name in ("preprocessor_config.json",):
+        (folder / name).unlink()
+    _clip_style(32, 48).save_pretrained(folder)  # the tiny model reads 32 x 48
+    cap = captioner.load(str(folder))
+    photo = np.asarray(Image.fromarray(image_for(1)).resize((128, 64)))  # 64 x 128 -> 32 x 64 -> middle 48 columns
+    res = cap.explain(photo, "a cat sitting", method="attention")
+    np.testing.assert_allclose(res.view, (0.125, 0.0, 0.875, 1.0), atol=0.01)
+    assert res.to_json()["view"] == list(res.view)
+    overlay = render.titled_overlay(res.image, res.word_maps[0], "x", view=res.view)  # displayed 384 x 768
+    assert (overlay[:384, :90] <= 255 * render.UNSEEN + 1).all(), "the cropped-away left eighth is dimmed"
+    assert (overlay[:384, 100:660] > 255 * render.UNSEEN + 1).any(axis=-1).mean() > 0.5, "the crop is not"
