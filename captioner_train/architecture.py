@@ -7,6 +7,8 @@ import torch
 from transformers import (GPT2Config, PreTrainedTokenizerBase, ViTConfig, ViTImageProcessorPil,
                           VisionEncoderDecoderConfig, VisionEncoderDecoderModel)
 
+from captioner.layout import config_grid
+
 
 @dataclass
 class ModelConfig:
@@ -40,9 +42,24 @@ def _sincos_2d(gh: int, gw: int, dim: int) -> torch.Tensor:
     return torch.cat(out, dim=1)  # (gh*gw, dim)
 
 
-def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> VisionEncoderDecoderModel:
-    """A randomly initialised VisionEncoderDecoderModel whose special tokens match `tokenizer`."""
+def joined(encoder, decoder, tokenizer: PreTrainedTokenizerBase, seed: int = 0,
+           max_new_tokens: int = 16) -> VisionEncoderDecoderModel:
+    """A randomly initialised VisionEncoderDecoderModel of these encoder and decoder configs, its special tokens
+    (decoder start, pad, EOS: in the config and the generation config) `tokenizer`'s."""
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.pad_token_id = tokenizer.bos_token_id, tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(seed)
+    model = VisionEncoderDecoderModel(config)
+    gen = model.generation_config
+    gen.decoder_start_token_id, gen.bos_token_id = tokenizer.bos_token_id, tokenizer.bos_token_id
+    gen.eos_token_id, gen.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    gen.max_new_tokens = max_new_tokens
+    return model
+
+
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> VisionEncoderDecoderModel:
+    """A randomly initialised ViT + GPT-2 captioner of preset `cfg` whose special tokens match `tokenizer`."""
     encoder = ViTConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.encoder_layers,
                         num_attention_heads=cfg.heads, intermediate_size=cfg.mlp_ratio * cfg.hidden_size,
                         image_size=cfg.image_size, patch_size=cfg.patch_size,
@@ -53,19 +70,12 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int 
                          resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
-    config.decoder_start_token_id = tokenizer.bos_token_id
-    config.pad_token_id = tokenizer.pad_token_id
-    config.eos_token_id = tokenizer.eos_token_id
-    model = VisionEncoderDecoderModel(config)
-    gh, gw = grid_shape(model.config)
+    # room for the longest caption the data has, plus EOS
+    model = joined(encoder, decoder, tokenizer, seed, max_new_tokens=cfg.max_positions - 8)
+    gh, gw = config_grid(model.config.encoder)
     with torch.no_grad():
         pos = model.encoder.embeddings.position_embeddings  # (1, 1 + gh*gw, D), CLS first
         pos[0, 1:] = _sincos_2d(gh, gw, cfg.hidden_size)
-    gen = model.generation_config
-    gen.decoder_start_token_id, gen.bos_token_id = tokenizer.bos_token_id, tokenizer.bos_token_id
-    gen.eos_token_id, gen.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    gen.max_new_tokens = cfg.max_positions - 8  # room for the longest caption the data has, plus EOS
     return model
 
 
@@ -73,11 +83,3 @@ def image_processor(cfg: ModelConfig) -> ViTImageProcessorPil:
     h, w = (cfg.image_size, cfg.image_size) if isinstance(cfg.image_size, int) else cfg.image_size
     return ViTImageProcessorPil(size={"height": h, "width": w}, do_resize=True, do_rescale=True, do_normalize=True,
                              image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-
-
-def grid_shape(config: VisionEncoderDecoderConfig) -> tuple[int, int]:
-    """(gh, gw): the encoder's patch grid, from the config (non-square images and patches allowed)."""
-    enc = config.encoder
-    ih, iw = (enc.image_size, enc.image_size) if isinstance(enc.image_size, int) else enc.image_size
-    ph, pw = (enc.patch_size, enc.patch_size) if isinstance(enc.patch_size, int) else enc.patch_size
-    return ih // ph, iw // pw

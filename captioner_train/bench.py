@@ -33,7 +33,7 @@ import captioner
 from captioner import fastdecode
 from captioner.render import titled_overlay
 
-from .architecture import ModelConfig, image_processor
+from .architecture import ModelConfig, image_processor, joined
 from .synthetic import make_scene
 from .vocabulary import random_bpe_tokenizer
 
@@ -44,20 +44,13 @@ NEW_TOKENS = 16
 def build_full_size(folder: str | Path, seed: int = 0) -> str:
     """Save ViT-B/16 224 + GPT-2 small (cross-attention, vocab 50257) with random weights, its tokenizer and image
     processor to `folder`; returns it. ~1 GB, ~30 s on 2 cores."""
-    from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+    from transformers import GPT2Config, ViTConfig
 
     tokenizer = random_bpe_tokenizer(50257, seed)
     decoder = GPT2Config(add_cross_attention=True, is_decoder=True, vocab_size=len(tokenizer),
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(ViTConfig(), decoder)
-    config.decoder_start_token_id, config.pad_token_id = tokenizer.bos_token_id, tokenizer.pad_token_id
-    config.eos_token_id = tokenizer.eos_token_id
-    torch.manual_seed(seed)
-    model = VisionEncoderDecoderModel(config)
-    gen = model.generation_config
-    gen.decoder_start_token_id, gen.bos_token_id = tokenizer.bos_token_id, tokenizer.bos_token_id
-    gen.eos_token_id, gen.pad_token_id, gen.max_new_tokens = tokenizer.eos_token_id, tokenizer.pad_token_id, 16
+    model = joined(ViTConfig(), decoder, tokenizer, seed, max_new_tokens=16)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     image_processor(ModelConfig(image_size=224, patch_size=16)).save_pretrained(folder)

@@ -12,10 +12,10 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 from transformers import (BeitConfig, BertConfig, DeiTConfig, GPT2Config, MBartConfig, RobertaConfig, SwinConfig,
-                          TrOCRConfig, ViTConfig, ViTImageProcessor, VisionEncoderDecoderConfig,
-                          VisionEncoderDecoderModel)
+                          TrOCRConfig, ViTConfig, ViTImageProcessor, VisionEncoderDecoderModel)
 
 import captioner
+from captioner_train.architecture import joined
 from captioner_train.vocabulary import word_tokenizer
 from conftest import free_port, image_for
 
@@ -68,14 +68,7 @@ def build_family(name: str, folder) -> dict:
     enc_kind, dec_kind = FAMILIES[name]
     tok = word_tokenizer(WORDS)
     enc, side, grid, prefix, has_cls = _encoder(enc_kind)
-    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, _decoder(dec_kind, len(tok), tok))
-    config.decoder_start_token_id, config.pad_token_id = tok.bos_token_id, tok.pad_token_id
-    config.eos_token_id = tok.eos_token_id
-    torch.manual_seed(0)
-    model = VisionEncoderDecoderModel(config)
-    gen = model.generation_config
-    gen.decoder_start_token_id, gen.bos_token_id = tok.bos_token_id, tok.bos_token_id
-    gen.eos_token_id, gen.pad_token_id, gen.max_new_tokens = tok.eos_token_id, tok.pad_token_id, 8
+    model = joined(enc, _decoder(dec_kind, len(tok), tok), tok, seed=0, max_new_tokens=8)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     ViTImageProcessor(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3) \
