@@ -94,8 +94,8 @@ def image_view(processor, size: tuple[int, int]) -> tuple[float, float, float, f
     inside = out[2] > 127  # (ch, cw)
     edges = []
     for ramp, axis, n in ((out[0], 1, w), (out[1], 0, h)):  # x along columns, y along rows
-        line = ramp.mean(1 - axis)  # (cw,) or (ch,): the ramp averaged across the other axis
-        seen = inside.any(1 - axis)
+        seen = inside.any(1 - axis)  # (cw,) or (ch,): canvas columns (rows) showing some of the photo
+        line = (ramp * inside).sum(1 - axis) / np.maximum(inside.sum(1 - axis), 1)  # the ramp there, padding left out
         u = (np.arange(line.shape[0]) + 0.5) / line.shape[0]  # canvas pixel centres, as fractions
         a, b = np.polyfit(u[seen], line[seen] / 255 * (n - 1) / n + 0.5 / n, 1)  # photo fraction = a u + b
         edges.append((b, a + b))

@@ -260,6 +260,9 @@ def bench_model(label: str, folder: str, image, int8_images: list, batch_images:
                     f"  {'yes' if r['same'] else 'NO':<4} {f['floor']:>7.3f} s {r['ours'] / f['floor']:>6.2f}x"
                     f"   {f['linear']:>7.3f} s  {r['tokens']:>3} tokens, {r['words']} words")
     del anchor
+    why_not = fastdecode.unsupported(cap.model, do_sample=False)
+    extras.append(f"{label}: greedy and beam search decoded by " +
+                  ("captioner's own loop (fastdecode)" if why_not is None else f"generate ({why_not})"))
     extras.append(f"{label}: kernels chosen on this machine (fastdecode.Kernels):")
     extras += [f"    {line}" for line in fastdecode.kernels_for(cap.model).summary()]
     m = map_cost(cap, image, text, repeats)

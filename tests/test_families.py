@@ -17,7 +17,7 @@ from transformers import (BeitConfig, BertConfig, DeiTConfig, GPT2Config, MBartC
 import captioner
 from captioner_train.architecture import joined
 from captioner_train.vocabulary import word_tokenizer
-from conftest import free_port, image_for
+from conftest import atol, free_port, image_for
 
 WORDS = "a dog cat on the street table red blue sitting riding under".split()
 SMALL = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -122,10 +122,10 @@ def test_deit_maps_skip_the_distillation_token(families):
     res = cap.explain(image_for(2), "a red dog", method="attention")
     with torch.no_grad():
         enc = cap.model.encoder(pixel_values=cap.pixel_values(image_for(2)))
-        ids = torch.tensor([[cap.start_token_id, *res.token_ids]])
+        ids = torch.tensor([[cap.start_token_id, *res.token_ids]], device=cap.device)
         out = cap.model(encoder_outputs=(enc.last_hidden_state,), decoder_input_ids=ids, output_attentions=True)
-    rows = torch.stack([a[0] for a in out.cross_attentions]).mean((0, 1))[:-1]  # (T, 2 + 36)
-    np.testing.assert_allclose(res.token_maps, rows[:, 2:].reshape(-1, 6, 6).numpy(), atol=1e-6)
+    rows = torch.stack([a[0] for a in out.cross_attentions]).float().mean((0, 1))[:-1]  # (T, 2 + 36)
+    np.testing.assert_allclose(res.token_maps, rows[:, 2:].reshape(-1, 6, 6).cpu().numpy(), atol=atol(cap, 1e-6))
 
 
 def test_every_family_through_the_three_endpoints(families, tmp_path):

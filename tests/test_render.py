@@ -119,3 +119,26 @@ def test_a_captioner_with_a_cropping_processor_reports_and_draws_its_view(tiny_d
     overlay = render.titled_overlay(res.image, res.word_maps[0], "x", view=res.view)  # displayed 384 x 768
     assert (overlay[:384, :90] <= 255 * render.UNSEEN + 1).all(), "the cropped-away left eighth is dimmed"
     assert (overlay[:384, 100:660] > 255 * render.UNSEEN + 1).any(axis=-1).mean() > 0.5, "the crop is not"
+
+
+def test_a_padding_processor_puts_the_photo_inside_the_canvas_and_dims_nothing():
+    """Donut's processor shrinks a wide photo into its square canvas and pads above and below: the canvas reaches
+    beyond the photo, the whole photo was seen, and only the middle rows of the map lie on it."""
+    from transformers import DonutImageProcessorPil
+
+    from captioner.layout import image_view
+
+    donut = DonutImageProcessorPil(size={"height": 48, "width": 48}, do_thumbnail=True, do_pad=True,
+                                   do_align_long_axis=False)
+    view = image_view(donut, (30, 60))
+    np.testing.assert_allclose(view, (0.0, -0.5, 1.0, 1.5), atol=0.01)
+    photo = np.full((30, 60, 3), 200, np.uint8)
+    heat = np.zeros((8, 4), np.float32)
+    heat[0] = 1.0  # the canvas's top row of patches: padding (canvas rows 0-7 of 60; the photo starts at row 15)
+    out = render.blend_heatmap(photo, heat, view=view)
+    assert (out > 200 * render.UNSEEN + 5).all(), "nothing of the photo is dimmed"
+    cold = render.colourize(np.zeros((1, 1), np.float32), (1, 1))[0, 0].astype(int)
+    hot = render.colourize(np.ones((1, 1), np.float32), (1, 1))[0, 0].astype(int)
+    assert np.abs(out[1, 30].astype(int) - (200 + cold) / 2).max() <= 25, "the photo's top is below the hot padding"
+    squashed = render.blend_heatmap(photo, heat)  # the map stretched over the photo would put the hot row on it
+    assert np.abs(squashed[1, 30].astype(int) - (200 + hot) / 2).max() <= 25
