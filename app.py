@@ -89,10 +89,13 @@ def _publish(cap: captioner.Captioner, res: captioner.CaptionResult, grid: bool,
     return (*_pictures(res, 0, grid), res.to_json(), info, {"result": res, "model": model, "word": 0})
 
 
-def _how(method, layers, head) -> dict:
+def _how(method, layers, head, cap: captioner.Captioner) -> dict:
     """The page's map controls as library arguments, checked; layers and head (hidden on the page for relevance,
-    which weighs every layer and head itself) are dropped for relevance."""
+    which weighs every layer and head itself) are dropped for relevance. The page's default method stands for the
+    model's own default (attention for a Swin encoder or an int8 model, which cannot compute relevance)."""
     method = method or captioner.DEFAULT_METHOD
+    if method == captioner.DEFAULT_METHOD:
+        method = cap.default_method
     how = dict(method=method, layers=parse_layers(layers), head=None if head is None or head < 0 else int(head))
     return dict(method=method) if method == "relevance" else how
 
@@ -108,20 +111,21 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
                 seed=-1, model=None, grid=False, method=captioner.DEFAULT_METHOD, layers="all", head=-1):
         cap = loaded.get(model)
         res = cap.caption(image, max_new_tokens, num_beams, do_sample, temperature, top_k, top_p,
-                          None if seed is None or seed < 0 else seed, **_how(method, layers, head))
+                          None if seed is None or seed < 0 else seed, **_how(method, layers, head, cap))
         return _publish(cap, res, grid, model)
 
     @page_errors
     @on_gpu
     def explain(image, text, model=None, grid=False, method=captioner.DEFAULT_METHOD, layers="all", head=-1):
         cap = loaded.get(model)
-        return _publish(cap, cap.explain(image, text, **_how(method, layers, head)), grid, model)
+        return _publish(cap, cap.explain(image, text, **_how(method, layers, head, cap)), grid, model)
 
     @page_errors
     @on_gpu
     def heatmap(image, text, word_index=0, model=None, grid=False, method=captioner.DEFAULT_METHOD, layers="all",
                 head=-1):
-        res = loaded.get(model).explain(image, text, **_how(method, layers, head))
+        cap = loaded.get(model)
+        res = cap.explain(image, text, **_how(method, layers, head, cap))
         if not 0 <= int(word_index) < len(res.words):
             raise ValueError(f"word_index must be between 0 and {len(res.words) - 1} for a {len(res.words)}-word "
                              "caption.")
@@ -133,10 +137,10 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
     @on_gpu
     def remap(state, grid, method, layers, head):
         """Other maps for the caption on the page: no new generation."""
-        if state is None:
-            raise gr.Error("Caption an image first.")
+        if state is None:  # nothing on the page yet: the choice applies to the next caption
+            return (gr.skip(),) * 7
         cap = loaded.get(state["model"])
-        return _publish(cap, cap.remap(state["result"], **_how(method, layers, head)), grid, state["model"])
+        return _publish(cap, cap.remap(state["result"], **_how(method, layers, head, cap)), grid, state["model"])
 
     def on_select(state, grid, evt: gr.SelectData):
         if state is None:

