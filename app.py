@@ -6,9 +6,7 @@ grid) redraw from the cached result and never call the model; clicking a word do
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import os
 from pathlib import Path
 
 from gradio_inputs import image_input, on_gpu, page_errors, setting, whole_number  # first: it imports `spaces`
@@ -16,26 +14,14 @@ from gradio_inputs import image_input, on_gpu, page_errors, setting, whole_numbe
 import gradio as gr
 
 import captioner
-from captioner import images, render
-from captioner.attention import parse_layers
+from captioner import images, views
 
 EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "assets" / "examples").glob("*.*") if p.suffix != ".md")
-BUNDLED_LABEL = "bundled scene captioner (offline)"
-COLOURS = {"selected": "#fde047", "sure (≥ 90%)": "#86efac", "likely (50–90%)": "#bfdbfe", "unsure (< 50%)": "#fecaca"}
+COLOURS = {views.SELECTED: "#fde047", views.SURE: "#86efac", views.LIKELY: "#bfdbfe", views.UNSURE: "#fecaca"}
 
 
 def _label(path: str) -> str:
-    """What the dropdown and API callers see: a hub id as it is, a local folder by its name (never a server path)."""
-    if path == captioner.BUNDLED_MODEL:
-        return BUNDLED_LABEL
-    return Path(path).name if Path(path).is_dir() else path
-
-
-def page_models() -> list[str]:
-    """The page's models: `captioner.available_models()` plus `$CAPTIONER_EXTRA_MODELS` (comma-separated folders or
-    hub ids, e.g. an OCR model beside the captioner), without repeats."""
-    extra = [m.strip() for m in os.environ.get("CAPTIONER_EXTRA_MODELS", "").split(",") if m.strip()]
-    return list(dict.fromkeys([*captioner.available_models(), *extra]))
+    return captioner.model_label(path) + (" (offline)" if path == captioner.BUNDLED_MODEL else "")
 
 
 class Models:
@@ -53,56 +39,16 @@ class Models:
         return self.load(self.paths[label])
 
 
-def _bucket(p: float) -> str:
-    return "sure (≥ 90%)" if p >= 0.9 else "likely (50–90%)" if p >= 0.5 else "unsure (< 50%)"
-
-
-def _words(res: captioner.CaptionResult, selected: int | None) -> list[tuple[str, str]]:
-    return [(w, "selected" if k == selected else _bucket(p)) for k, (w, p) in enumerate(zip(res.words,
-                                                                                             res.word_probs))]
-
-
-def _word_view(res: captioner.CaptionResult, k: int, grid: bool):
-    """The caption with word k marked, and word k's overlay, from the cached result: no model call."""
-    if not res.words:
-        return _words(res, None), None
-    title = f"'{res.words[k]}'  p={res.word_probs[k]:.2f}"
-    return _words(res, k), render.titled_overlay(res.image, res.word_maps[k], title, grid, res.view)
-
-
-def _pictures(res: captioner.CaptionResult, k: int, grid: bool):
-    """Every picture of a result (words, word overlay, CLS overlay, strip), drawn from it: no model call."""
-    words, overlay = _word_view(res, k, grid)
-    title = f"ViT CLS token ({res.method})" if res.cls_map.any() else "no CLS map for this encoder"
-    cls = render.titled_overlay(res.image, res.cls_map, title, grid, res.view)
-    return words, overlay, cls, render.word_strip(res.image, res.words, res.word_maps, grid=grid, view=res.view)
-
-
 def _publish(cap: captioner.Captioner, res: captioner.CaptionResult, grid: bool, model: str | None):
-    """Everything a caption shows; the state keeps the result, its model and the selected word. The result's image
-    is kept at most PAGE_MAX_SIDE px (2.4 MB at 1024x768; a 2048 px photo would be 9 MB a visitor for an hour)."""
-    res = dataclasses.replace(res, image=render.shrink(res.image))
-    probs = " · ".join(f"{w} {p:.0%}" for w, p in zip(res.words, res.word_probs))
-    info = f"**Word probabilities** {probs}\n\n**Model** `{res.model}` on {cap.device} · maps: {res.method} · grid " \
-        f"{res.grid[0]}×{res.grid[1]} · " + " · ".join(f"{k} {v * 1000:.0f} ms" for k, v in res.seconds.items()) + \
-        "".join(f"\n\n⚠️ {n}" for n in res.notes)
-    return (*_pictures(res, 0, grid), res.to_json(), info, {"result": res, "model": model, "word": 0})
-
-
-def _how(method, layers, head, cap: captioner.Captioner) -> dict:
-    """The page's map controls as library arguments, checked; layers and head (hidden on the page for relevance,
-    which weighs every layer and head itself) are dropped for relevance. The page's default method stands for the
-    model's own default (attention for a Swin encoder or an int8 model, which cannot compute relevance)."""
-    method = method or captioner.DEFAULT_METHOD
-    if method == captioner.DEFAULT_METHOD:
-        method = cap.default_method
-    how = dict(method=method, layers=parse_layers(layers), head=None if head is None or head < 0 else int(head))
-    return dict(method=method) if method == "relevance" else how
+    """Everything a caption shows; the state keeps the (display-sized) result, its model and the selected word."""
+    res = views.for_page(res)
+    return (*views.pictures(res, 0, grid), res.to_json(), views.summary(res, cap.device),
+            {"result": res, "model": model, "word": 0})
 
 
 def build_demo(models: list[str] | None = None) -> gr.Blocks:
-    """The page for `models` (default: `page_models()`), the first one preselected."""
-    models = models or page_models()
+    """The page for `models` (default: `captioner.listed_models()`), the first one preselected."""
+    models = models or captioner.listed_models()
     loaded = Models(models)
 
     @page_errors
@@ -111,27 +57,26 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
                 seed=-1, model=None, grid=False, method=captioner.DEFAULT_METHOD, layers="all", head=-1):
         cap = loaded.get(model)
         res = cap.caption(image, max_new_tokens, num_beams, do_sample, temperature, top_k, top_p,
-                          None if seed is None or seed < 0 else seed, **_how(method, layers, head, cap))
+                          None if seed is None or seed < 0 else seed, **views.map_arguments(cap, method, layers, head))
         return _publish(cap, res, grid, model)
 
     @page_errors
     @on_gpu
     def explain(image, text, model=None, grid=False, method=captioner.DEFAULT_METHOD, layers="all", head=-1):
         cap = loaded.get(model)
-        return _publish(cap, cap.explain(image, text, **_how(method, layers, head, cap)), grid, model)
+        return _publish(cap, cap.explain(image, text, **views.map_arguments(cap, method, layers, head)), grid, model)
 
     @page_errors
     @on_gpu
     def heatmap(image, text, word_index=0, model=None, grid=False, method=captioner.DEFAULT_METHOD, layers="all",
                 head=-1):
         cap = loaded.get(model)
-        res = cap.explain(image, text, **_how(method, layers, head, cap))
+        res = cap.explain(image, text, **views.map_arguments(cap, method, layers, head))
         if not 0 <= int(word_index) < len(res.words):
             raise ValueError(f"word_index must be between 0 and {len(res.words) - 1} for a {len(res.words)}-word "
                              "caption.")
         k = int(word_index)
-        return render.titled_overlay(res.image, res.word_maps[k], f"'{res.words[k]}'  p={res.word_probs[k]:.2f}",
-                                     grid, res.view)
+        return views.word_view(res, k, grid)[1]
 
     @page_errors
     @on_gpu
@@ -140,19 +85,19 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
         if state is None:  # nothing on the page yet: the choice applies to the next caption
             return (gr.skip(),) * 7
         cap = loaded.get(state["model"])
-        return _publish(cap, cap.remap(state["result"], **_how(method, layers, head, cap)), grid, state["model"])
+        return _publish(cap, cap.remap(state["result"], **views.map_arguments(cap, method, layers, head)), grid, state["model"])
 
     def on_select(state, grid, evt: gr.SelectData):
         if state is None:
             raise gr.Error("Caption an image first.")
         k = min(max(int(evt.index), 0), max(len(state["result"].words) - 1, 0))
-        return (*_word_view(state["result"], k, grid), {**state, "word": k})
+        return (*views.word_view(state["result"], k, grid), {**state, "word": k})
 
     def redraw(state, grid):
         """The grid checkbox: the same result drawn again, with or without the patch grid."""
         if state is None:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-        return _pictures(state["result"], state["word"], grid)
+        return views.pictures(state["result"], state["word"], grid)
 
     def show_method_controls(method):
         return [gr.update(visible=method != "relevance")] * 2

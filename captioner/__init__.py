@@ -6,8 +6,9 @@
     res = cap.explain(image, "a dog on a bed")   # the same for a caption you give
 """
 from .decoding import GenerationSettings
-from .loading import BUNDLED_MODEL, HUB_MODEL, available_models, default_model, load
+from .loading import (BUNDLED_MODEL, HUB_MODEL, available_models, default_model, listed_models, load,
+                      model_label)
 from .pipeline import DEFAULT_METHOD, METHODS, CaptionResult, Captioner
 
-__all__ = ["load", "available_models", "default_model", "Captioner", "CaptionResult", "GenerationSettings",
-           "METHODS", "DEFAULT_METHOD", "BUNDLED_MODEL", "HUB_MODEL"]
+__all__ = ["load", "available_models", "listed_models", "model_label", "default_model", "Captioner", "CaptionResult",
+           "GenerationSettings", "METHODS", "DEFAULT_METHOD", "BUNDLED_MODEL", "HUB_MODEL"]

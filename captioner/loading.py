@@ -33,6 +33,22 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
+def model_label(name_or_path: str) -> str:
+    """How a model is named to people and API callers: the bundled one by what it is, a local folder by its name
+    (never a server path), a hub id as it is."""
+    path = Path(name_or_path)
+    if path.is_dir() and path.resolve() == Path(BUNDLED_MODEL).resolve():
+        return "bundled scene captioner"
+    return path.name if path.is_dir() else name_or_path
+
+
+def listed_models() -> list[str]:
+    """`available_models()` plus `$CAPTIONER_EXTRA_MODELS` (comma-separated folders or hub ids, e.g. an OCR model
+    beside the captioner), without repeats: the models a page offers."""
+    extra = [m.strip() for m in os.environ.get("CAPTIONER_EXTRA_MODELS", "").split(",") if m.strip()]
+    return list(dict.fromkeys([*available_models(), *extra]))
+
+
 def available_models() -> list[str]:
     """Models that can be loaded here right now, the default first."""
     models = []
@@ -88,6 +104,5 @@ def load(name_or_path: str | None = None, device: str | None = None, int8: bool 
     if int8:
         from .quantize import int8 as quantize_int8
         model = quantize_int8(model)
-    bundled = local and Path(name).resolve() == Path(BUNDLED_MODEL)
-    name = "bundled scene captioner" if bundled else Path(name).name if local else name  # no server paths
-    return Captioner(model, tokenizer, processor, name=f"{name} (int8)" if int8 else name)
+    label = model_label(name)
+    return Captioner(model, tokenizer, processor, name=f"{label} (int8)" if int8 else label)

@@ -1,0 +1,64 @@
+"""What a page shows for a `CaptionResult`, drawn from the result alone (no model call): the caption's words
+labelled by confidence, a word's overlay, the CLS overlay, the per-word strip and a summary line; and the page's
+map controls turned into library arguments. numpy, OpenCV and the library only: `app.py` wires these to Gradio."""
+from __future__ import annotations
+
+import dataclasses
+
+from . import render
+from .attention import parse_layers
+from .pipeline import DEFAULT_METHOD, CaptionResult, Captioner
+
+SELECTED, SURE, LIKELY, UNSURE = "selected", "sure (≥ 90%)", "likely (50–90%)", "unsure (< 50%)"
+
+
+def confidence(p: float) -> str:
+    return SURE if p >= 0.9 else LIKELY if p >= 0.5 else UNSURE
+
+
+def labelled_words(res: CaptionResult, selected: int | None) -> list[tuple[str, str]]:
+    """(word, label) for each word: SELECTED for word `selected`, else its confidence."""
+    return [(w, SELECTED if k == selected else confidence(p)) for k, (w, p) in enumerate(zip(res.words,
+                                                                                               res.word_probs))]
+
+
+def word_view(res: CaptionResult, k: int, grid: bool):
+    """(labelled words with word k selected, word k's titled overlay or None for an empty caption)."""
+    if not res.words:
+        return labelled_words(res, None), None
+    title = f"'{res.words[k]}'  p={res.word_probs[k]:.2f}"
+    return labelled_words(res, k), render.titled_overlay(res.image, res.word_maps[k], title, grid, res.view)
+
+
+def pictures(res: CaptionResult, k: int, grid: bool):
+    """(labelled words, word k's overlay, CLS overlay, per-word strip)."""
+    words, overlay = word_view(res, k, grid)
+    title = f"ViT CLS token ({res.method})" if res.cls_map.any() else "no CLS map for this encoder"
+    cls = render.titled_overlay(res.image, res.cls_map, title, grid, res.view)
+    return words, overlay, cls, render.word_strip(res.image, res.words, res.word_maps, grid=grid, view=res.view)
+
+
+def for_page(res: CaptionResult) -> CaptionResult:
+    """The result with its image at most PAGE_MAX_SIDE px: what a visitor's state keeps (2.4 MB at 1024x768; a
+    2048 px photo would be 9 MB a visitor for an hour)."""
+    return dataclasses.replace(res, image=render.shrink(res.image))
+
+
+def summary(res: CaptionResult, device) -> str:
+    """Markdown: word probabilities, model, device, method, grid, timings and notes."""
+    probs = " · ".join(f"{w} {p:.0%}" for w, p in zip(res.words, res.word_probs))
+    timings = " · ".join(f"{k} {v * 1000:.0f} ms" for k, v in res.seconds.items())
+    notes = "".join(f"\n\n⚠️ {n}" for n in res.notes)
+    return f"**Word probabilities** {probs}\n\n**Model** `{res.model}` on {device} · maps: {res.method} · grid " \
+        f"{res.grid[0]}×{res.grid[1]} · {timings}{notes}"
+
+
+def map_arguments(cap: Captioner, method: str | None, layers: str | None, head: int | None) -> dict:
+    """The page's map controls as library arguments, checked. The page's default method stands for the model's
+    own default (attention for a Swin encoder or an int8 model, which cannot compute relevance); layers and head,
+    hidden on the page for relevance (it weighs every layer and head itself), are dropped there."""
+    method = method or DEFAULT_METHOD
+    if method == DEFAULT_METHOD:
+        method = cap.default_method
+    how = dict(method=method, layers=parse_layers(layers), head=None if head is None or head < 0 else int(head))
+    return dict(method=method) if method == "relevance" else how
