@@ -66,8 +66,8 @@ def decoder_relevance(self_weighted: list[torch.Tensor], cross_weighted: list[to
     return r_ti
 
 
-def relevance_rows(model, enc, decoder_input_ids: torch.Tensor,
-                   targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def relevance_rows(model, enc, decoder_input_ids: torch.Tensor, targets: torch.Tensor,
+                   through_encoder: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Relevance of each encoder token for each target, from one forward pass of the decoder.
 
     enc: the encoder's output for one image with output_attentions=True (L tensors (1, H, N, N));
@@ -75,7 +75,8 @@ def relevance_rows(model, enc, decoder_input_ids: torch.Tensor,
     summed log-probability is target b.
     Returns (R_ti (B, T+1, N): relevance of encoder tokens for each decoder position, where position k holds the
     query that predicted caption token k; R_ii (N, N): encoder self-relevance, shared by all targets; token
-    log-probabilities (T,)).
+    log-probabilities (T,)). through_encoder=False stops at the encoder's output tokens (R_ii = I): the
+    decoder-side relevance alone, a candidate map that `captioner_train.candidates` measures.
     """
     B, T = targets.shape
     lm_head = model.decoder.get_output_embeddings()  # GPT-2, BERT, TrOCR, MBart: a Linear over the vocabulary
@@ -96,5 +97,8 @@ def relevance_rows(model, enc, decoder_input_ids: torch.Tensor,
     grads = torch.autograd.grad(h, maps, grad_outputs=grad_h[:, None], is_grads_batched=True)  # (B, 1, H, q, k) each
     weighted = [_weighted(a.detach().float(), gr[:, 0].float()) for a, gr in zip(maps, grads)]  # (B, q, k) each
     L = len(out.decoder_attentions)
-    r_ii = encoder_relevance([a[0].detach().float().mean(0) for a in enc.attentions])  # (N, N)
+    if through_encoder:
+        r_ii = encoder_relevance([a[0].detach().float().mean(0) for a in enc.attentions])  # (N, N)
+    else:
+        r_ii = torch.eye(weighted[L].shape[-1], device=weighted[L].device)  # (N, N)
     return decoder_relevance(weighted[:L], weighted[L:], r_ii), r_ii, token_logp.detach()

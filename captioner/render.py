@@ -33,11 +33,16 @@ def display_image(image: np.ndarray, min_side: int = DISPLAY_MIN_SIDE) -> np.nda
     return cv2.resize(image, (w * factor, h * factor), interpolation=cv2.INTER_NEAREST)
 
 
+def upsample(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(gh, gw) map in [0, 1] -> (h, w) float32 in [0, 1], smoothly resized to size=(h, w) as overlays draw it
+    (bicubic, with its overshoot clipped)."""
+    h, w = size
+    return np.clip(cv2.resize(heat.astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
+
+
 def colourize(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(gh, gw) map in [0, 1] -> (h, w, 3) uint8 RGB colours, smoothly resized to size=(h, w)."""
-    h, w = size
-    up = cv2.resize(heat.astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)  # (h, w)
-    up = np.clip(up, 0.0, 1.0)
+    up = upsample(heat, size)  # (h, w)
     bgr = cv2.applyColorMap((up * 255).astype(np.uint8), COLORMAP)  # (h, w, 3) BGR
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 

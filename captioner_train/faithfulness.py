@@ -14,10 +14,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from captioner import distributed
+from captioner.distributed import Ranks
 from captioner.forcing import decoder_input, token_log_probs
 from captioner.pipeline import METHODS, Captioner
 
-from .pointing import EVAL_SEEDS_START, pointing_hit
+from .candidates import CANDIDATES
+from .pointing import (EVAL_SEEDS_START, energy_share, overlay_energy_share, pointing_hit, uniform_energy_share,
+                       uniform_overlay_share)
 from .synthetic import IMAGE_SIZE, make_scene
 
 STEPS = 8  # deletion steps: 0, 1/8, ..., 8/8 of the patches greyed out
@@ -61,36 +65,75 @@ def randomised(cap: Captioner, seed: int = 0) -> Captioner:
 
 
 def compare_methods(cap: Captioner, n_scenes: int = 200, seed_start: int = EVAL_SEEDS_START,
-                    methods=METHODS, progress: bool = True) -> dict[str, dict]:
-    """Per method: pointing game, deletion AUC (with the random-order AUC on the same words) and the rank
-    correlation with a weight-randomised model's maps, over the object nouns of the true captions."""
-    rng = np.random.default_rng(0)
+                    methods=METHODS, progress: bool = True, ranks: Ranks = Ranks()) -> dict[str, dict] | None:
+    """Per method: pointing game, energy pointing (grid and overlay, with the uniform map's), deletion AUC (with
+    the random-order AUC on the same words) and the rank correlation with a weight-randomised model's maps, over
+    the object nouns of the true captions. Under torchrun the scenes are split between ranks and pooled on rank 0
+    in seed order (other ranks return None)."""
     random_cap = randomised(cap)
-    stats = {m: {"hits": [], "auc": [], "auc_random": [], "rank_corr": []} for m in methods}
-    for seed in tqdm(range(seed_start, seed_start + n_scenes), desc="methods", disable=not progress,
-                     dynamic_ncols=True):
-        scene = make_scene(seed)
-        for m in methods:
-            maps = cap.explain(scene.image, scene.caption, method=m).word_maps  # (W, gh, gw)
-            random_maps = random_cap.explain(scene.image, scene.caption, method=m).word_maps
-            for obj in scene.objects:
-                k, s = obj.word_index, stats[m]
-                s["hits"].append(pointing_hit(maps[k], obj.box, (IMAGE_SIZE, IMAGE_SIZE)))
-                order = np.argsort(-maps[k].ravel(), kind="stable")
-                s["auc"].append(_auc(deletion_curve(cap, scene.image, scene.caption, k, order)))
-                shuffled = rng.permutation(order.size)
-                s["auc_random"].append(_auc(deletion_curve(cap, scene.image, scene.caption, k, shuffled)))
-                s["rank_corr"].append(_spearman(maps[k], random_maps[k]))
-    return {m: {"pointing": float(np.mean(s["hits"])), "deletion_auc": float(np.mean(s["auc"])),
-                "deletion_auc_random": float(np.mean(s["auc_random"])),
-                "rank_corr_random_weights": float(np.mean(s["rank_corr"])), "words": len(s["hits"])}
-            for m, s in stats.items()}
+    seeds = ranks.share(list(range(seed_start, seed_start + n_scenes)))
+    mine = [_method_record(cap, random_cap, seed, methods)
+            for seed in tqdm(seeds, desc="methods", disable=not (progress and ranks.main), dynamic_ncols=True)]
+    gathered = distributed.gather(ranks, mine)
+    if not ranks.main:
+        return None
+    records = sorted((r for part in gathered for r in part), key=lambda r: r["seed"])
+
+    def mean(m: str | None, key: str) -> float:
+        return float(np.mean([x for r in records for x in (r[m][key] if m else r[key])]))
+    return {m: {"pointing": mean(m, "hits"), "energy": mean(m, "energy"),
+                "energy_overlay": mean(m, "energy_overlay"), "energy_uniform": mean(None, "uniform"),
+                "energy_overlay_uniform": mean(None, "uniform_overlay"), "deletion_auc": mean(m, "auc"),
+                "deletion_auc_random": mean(m, "auc_random"), "rank_corr_random_weights": mean(m, "rank_corr"),
+                "words": sum(len(r[m]["hits"]) for r in records)}
+            for m in methods}
+
+
+def word_maps(cap: Captioner, image, text: str, method: str) -> np.ndarray:
+    """(W, gh, gw) word maps by a library method (`explain`) or a candidate (`candidates.CANDIDATES`)."""
+    if method in METHODS:
+        return cap.explain(image, text, method=method).word_maps
+    if method in CANDIDATES:
+        return CANDIDATES[method](cap, image, text)
+    raise ValueError(f"unknown map method {method!r}; library: {', '.join(METHODS)}; candidates: "
+                     f"{', '.join(CANDIDATES)}")
+
+
+def _method_record(cap: Captioner, random_cap: Captioner, seed: int, methods) -> dict:
+    """One scene's per-object figures for each method (lists in object order)."""
+    size = (IMAGE_SIZE, IMAGE_SIZE)
+    scene = make_scene(seed)
+    rng = np.random.default_rng((0, seed))  # per scene: the same random orders however scenes are split
+    record = {"seed": seed, "uniform": [uniform_energy_share(cap.grid, o.box, size) for o in scene.objects],
+              "uniform_overlay": [uniform_overlay_share(o.box, size) for o in scene.objects]}
+    for m in methods:
+        maps = word_maps(cap, scene.image, scene.caption, m)  # (W, gh, gw)
+        random_maps = word_maps(random_cap, scene.image, scene.caption, m)
+        s = record[m] = {"hits": [], "energy": [], "energy_overlay": [], "auc": [], "auc_random": [],
+                         "rank_corr": []}
+        for obj in scene.objects:
+            k = obj.word_index
+            s["hits"].append(pointing_hit(maps[k], obj.box, size))
+            s["energy"].append(energy_share(maps[k], obj.box, size))
+            s["energy_overlay"].append(overlay_energy_share(maps[k], obj.box, size))
+            order = np.argsort(-maps[k].ravel(), kind="stable")
+            s["auc"].append(_auc(deletion_curve(cap, scene.image, scene.caption, k, order)))
+            shuffled = rng.permutation(order.size)
+            s["auc_random"].append(_auc(deletion_curve(cap, scene.image, scene.caption, k, shuffled)))
+            s["rank_corr"].append(_spearman(maps[k], random_maps[k]))
+    return record
 
 
 def methods_table(results: dict[str, dict]) -> str:
-    lines = ["| method | pointing game | deletion AUC (lower is better) | random-order AUC | rank corr. with "
-             "random-weight maps (lower is better) |", "|---|---|---|---|---|"]
+    lines = ["| method | pointing game | energy pointing (grid) | energy pointing (overlay) | deletion AUC (lower "
+             "is better) | random-order AUC | rank corr. with random-weight maps (lower is better) |",
+             "|---|---|---|---|---|---|---|"]
     for m, r in results.items():
-        lines.append(f"| {m} | {r['pointing']:.1%} | {r['deletion_auc']:.3f} | {r['deletion_auc_random']:.3f} | "
+        lines.append(f"| {m} | {r['pointing']:.1%} | {r['energy']:.3f} | {r['energy_overlay']:.3f} | "
+                     f"{r['deletion_auc']:.3f} | {r['deletion_auc_random']:.3f} | "
                      f"{r['rank_corr_random_weights']:.2f} |")
+    if results:
+        first = next(iter(results.values()))
+        lines.append(f"| uniform map | – | {first['energy_uniform']:.3f} | {first['energy_overlay_uniform']:.3f} | "
+                     "– | – | – |")
     return "\n".join(lines)

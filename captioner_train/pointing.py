@@ -1,8 +1,17 @@
-"""The pointing game: does a word map's peak fall on the object the word names? Shared by `evaluate` and
-`faithfulness`, and the held-out scene seeds both use."""
+"""Does a word map sit on the object the word names? Shared by `evaluate` and `faithfulness`, with the held-out
+scene seeds both use.
+
+- The pointing game (`pointing_hit`): the map's single hottest patch falls on the object's box.
+- Energy-based pointing (Wang et al., Score-CAM 2020): the share of the map's mass inside the box, on the patch
+  grid (`energy_share`: the patches whose centre lies in the box) and on the upsampled overlay a visitor sees
+  (`overlay_energy_share`: the pixels in the box). A uniform map scores the box's share of the grid or the image
+  (`uniform_energy_share`, `uniform_overlay_share`), about 0.09 for the scenes.
+"""
 from __future__ import annotations
 
 import numpy as np
+
+from captioner.render import upsample
 
 EVAL_SEEDS_START = 5_000_000  # training uses seeds >= 9_999_000 (validation included), tests use small seeds
 
@@ -41,3 +50,51 @@ def uniform_hit_rate(grid: tuple[int, int], box, image_size) -> float:
     cx = (np.arange(gw) + 0.5) * pw  # (gw,) cell centres
     cy = (np.arange(gh) + 0.5) * ph  # (gh,)
     return float(((ex0 < cx) & (cx < ex1)).sum() * ((ey0 < cy) & (cy < ey1)).sum() / (gh * gw))
+
+
+def cell_coverage(grid: tuple[int, int], box, image_size) -> np.ndarray:
+    """(gh, gw): the fraction of each map cell's area that lies inside `box` (x0, y0, x1, y1 pixels, x1/y1
+    exclusive) of an image of `image_size` (H, W); cell (i, j) covers [j*pw, (j+1)*pw) x [i*ph, (i+1)*ph).
+    Training's grounding target (`captioner_train.train`)."""
+    (gh, gw), (H, W) = grid, image_size
+    x0, y0, x1, y1 = box
+    xs, ys = np.arange(gw + 1) * (W / gw), np.arange(gh + 1) * (H / gh)  # cell edges
+    cover_x = np.clip(np.minimum(xs[1:], x1) - np.maximum(xs[:-1], x0), 0, None) / (W / gw)  # (gw,)
+    cover_y = np.clip(np.minimum(ys[1:], y1) - np.maximum(ys[:-1], y0), 0, None) / (H / gh)  # (gh,)
+    return cover_y[:, None] * cover_x[None, :]
+
+
+def cells_inside(grid: tuple[int, int], box, image_size) -> np.ndarray:
+    """(gh, gw) bool: the patches whose centre lies inside `box` (x0 <= cx < x1, y0 <= cy < y1)."""
+    (gh, gw), (H, W) = grid, image_size
+    x0, y0, x1, y1 = box
+    cx, cy = (np.arange(gw) + 0.5) * (W / gw), (np.arange(gh) + 0.5) * (H / gh)
+    return ((y0 <= cy) & (cy < y1))[:, None] & ((x0 <= cx) & (cx < x1))[None, :]
+
+
+def energy_share(word_map: np.ndarray, box, image_size) -> float:
+    """Share of `word_map`'s (gh, gw) mass on the patches inside `box` (those whose centre lies in it,
+    `cells_inside`). Negative values count as zero; a map with no mass scores 0."""
+    m = np.clip(word_map.astype(np.float64), 0, None)
+    total = m.sum()
+    return float(m[cells_inside(m.shape, box, image_size)].sum() / total) if total > 0 else 0.0
+
+
+def uniform_energy_share(grid: tuple[int, int], box, image_size) -> float:
+    """What a uniform map scores on the grid: the share of the patches inside `box`."""
+    return float(cells_inside(grid, box, image_size).mean())
+
+
+def uniform_overlay_share(box, image_size) -> float:
+    """What a uniform map scores on the overlay: the box's share of the image's area."""
+    (H, W), (x0, y0, x1, y1) = image_size, box
+    return float(max(0, min(x1, W) - max(x0, 0)) * max(0, min(y1, H) - max(y0, 0)) / (H * W))
+
+
+def overlay_energy_share(word_map: np.ndarray, box, image_size) -> float:
+    """Share of the overlay's mass inside `box`: the map upsampled to the image's pixels exactly as the page
+    draws it (`render.upsample`), then the pixels inside the box summed. A map with no mass scores 0."""
+    up = upsample(word_map, image_size).astype(np.float64)  # (H, W)
+    total = up.sum()
+    x0, y0, x1, y1 = box
+    return float(up[y0:y1, x0:x1].sum() / total) if total > 0 else 0.0

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from captioner_train.evaluate import (EVAL_SEEDS_START, caption_scores, evaluate, main, pointing_hit, token_nll,
-                                uniform_hit_rate)
+from captioner_train.evaluate import (EVAL_SEEDS_START, caption_parts, caption_scores, count_errors, errors_table,
+                                     evaluate, main, pointing_hit, token_nll, uniform_hit_rate)
+from captioner_train.pointing import (cell_coverage, energy_share, overlay_energy_share, uniform_energy_share,
+                                      uniform_overlay_share)
 from captioner_train.synthetic import IMAGE_SIZE, make_scene, write_dataset
 
 SQUARE = (IMAGE_SIZE, IMAGE_SIZE)  # (H, W)
@@ -155,3 +161,88 @@ def test_main_writes_json_and_table(random_tiny, tmp_path, capsys):
     assert math.isfinite(results[0]["perplexity"]) and 0 <= results[0]["coco_bleu4"] <= 1
     table = capsys.readouterr().out
     assert "| metric | greedy |" in table and "| BLEU-4 |" in table and "| COCO CIDEr |" in table
+
+
+def test_energy_counts_the_mass_on_patches_whose_centre_is_in_the_box():
+    grid = (8, 8)  # 12-pixel patches on 96x96: centres at 6, 18, 30, ...
+    m = np.zeros(grid, np.float32)
+    m[2, 3], m[2, 4], m[5, 5] = 3.0, 1.0, 4.0  # cell (2, 3) centre (42, 30), (2, 4) centre (54, 30)
+    box = (36, 24, 54, 36)  # holds the centre of (2, 3); (2, 4)'s centre x = 54 is on the exclusive edge
+    assert energy_share(m, box, SQUARE) == pytest.approx(3 / 8)
+    assert energy_share(m, (36, 24, 55, 36), SQUARE) == pytest.approx(4 / 8)
+    assert energy_share(m.T, box, SQUARE) == pytest.approx(0.0), "rows are y, columns x"
+    assert energy_share(np.zeros(grid), box, SQUARE) == 0.0
+    flat = np.ones(grid, np.float32)
+    for b in [(36, 24, 54, 36), (0, 0, 96, 40), (10, 50, 70, 90)]:
+        assert energy_share(flat, b, SQUARE) == pytest.approx(uniform_energy_share(grid, b, SQUARE))
+    assert uniform_energy_share(grid, (0, 0, 96, 48), SQUARE) == pytest.approx(0.5)
+
+
+def test_overlay_energy_is_the_share_of_upsampled_pixels_in_the_box():
+    flat = np.ones((8, 8), np.float32)
+    box = (10, 20, 58, 44)
+    assert overlay_energy_share(flat, box, SQUARE) == pytest.approx(uniform_overlay_share(box, SQUARE))
+    assert uniform_overlay_share(box, SQUARE) == pytest.approx(48 * 24 / 96 ** 2)
+    m = np.zeros((8, 8), np.float32)
+    m[3:5, 3:5] = 1.0  # pixels 36..60 both ways
+    inside, outside = overlay_energy_share(m, (30, 30, 66, 66), SQUARE), overlay_energy_share(m, (0, 0, 30, 30), SQUARE)
+    assert inside > 0.9 and outside < 0.02
+    assert overlay_energy_share(m, (30, 30, 66, 66), (48, 96)) < inside, "image size is (H, W)"
+
+
+def test_cell_coverage_is_the_area_share_of_each_patch():
+    cover = cell_coverage((8, 8), (6, 12, 30, 24), SQUARE)  # x 6..30 over cells 0-2, y 12..24 = row 1 exactly
+    assert cover.shape == (8, 8)
+    np.testing.assert_allclose(cover[1, :3], [0.5, 1.0, 0.5])
+    assert cover.sum() == pytest.approx((24 * 12) / 144)
+    assert cover[0].sum() == 0 and cover[2].sum() == 0
+
+
+def test_caption_parts_and_the_error_table():
+    assert caption_parts("a large red star left of a small blue circle and above a small green square") == (
+        [("large", "red", "star"), ("small", "blue", "circle"), ("small", "green", "square")], ["left of", "above"])
+    assert caption_parts("a small red star") == ([("small", "red", "star")], [])
+    for bad in ["a red star", "a large red star left a small blue circle", "a large red star and above a small "
+                "blue circle", "", "a large red star above"]:
+        assert caption_parts(bad) is None, bad
+    errors = {}
+    count_errors(errors, "a large red star left of a small blue circle", "a large red star above a small blue square")
+    assert errors["relation"] == {"left of": [1, 1]}
+    assert errors["shape"] == {"star": [0, 1], "circle": [1, 1]}
+    assert errors["colour"] == {"red": [0, 1], "blue": [0, 1]}
+    assert errors["objects"] == {"2 objects (whole caption)": [1, 1]}
+    count_errors(errors, "a small red star", "nonsense")
+    assert errors["shape"]["star"] == [1, 2] and errors["size"]["small"] == [1, 2]
+    assert "| relation | left of | 1 | 1 | 100.0% |" in errors_table(errors)
+
+
+def test_evaluate_reports_energy_with_its_baselines(random_tiny):
+    start = short_scenes_start(random_tiny, 2)
+    seeds = range(start, start + 2)
+    oracle = evaluate(random_tiny, n_scenes=2, seed_start=start, progress=False, max_new_tokens=8,
+                      map_fn=oracle_maps(seeds))
+    assert oracle["energy_true"] == 1.0, "a single-cell map on the object's centre has all its mass inside"
+    assert 0 < oracle["energy_true_uniform"] < 0.5 and 0 < oracle["energy_true_overlay_uniform"] < 0.5
+    assert sum(sum(v[1] for v in by.values()) for part, by in oracle["errors"].items() if part == "objects") == 2
+
+
+def test_torchrun_evaluation_equals_one_process(random_tiny, tmp_path):
+    model_dir = tmp_path / "model"
+    random_tiny.model.save_pretrained(model_dir)
+    random_tiny.tokenizer.save_pretrained(model_dir)
+    random_tiny.processor.save_pretrained(model_dir)
+    args = [str(model_dir), "--scenes", "5", "--seed-start", str(short_scenes_start(random_tiny, 5)), "--beams",
+            "1", "--methods", "attention", "--method-scenes", "3", "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = {}
+    for n in (1, 2):
+        out[n] = tmp_path / f"{n}.json"
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                              str(n), "-m", "captioner.evaluate", *args, "--json-out", str(out[n])], env=env,
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+    one, two = json.loads(out[1].read_text()), json.loads(out[2].read_text())
+    assert (one[0]["processes"], two[0]["processes"]) == (1, 2)
+    for a, b in zip(one, two):
+        for key in set(a) - {"seconds_per_scene", "processes"}:
+            assert a[key] == pytest.approx(b[key]) if isinstance(a[key], float) else a[key] == b[key], key
