@@ -4,17 +4,14 @@ prints the speeds."""
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import VisionEncoderDecoderModel
 
 import captioner
 from captioner import fastdecode
-from captioner.__main__ import main as cli
 from captioner.decoding import GenerationSettings, generate_batch, generate_ids
 from captioner.fastdecode import conv1d_out_in
 from captioner.quantize import conv1d_to_linear
@@ -313,52 +310,6 @@ def test_int8_path_runs_and_mostly_keeps_the_words(tiny, tiny_dir):
     assert np.mean(agree) >= 0.75, agree
     with pytest.raises(ValueError, match="CPU"):
         captioner.load(tiny_dir, device="cuda", int8=True)
-
-
-def _image_folder(tmp_path):
-    folder = tmp_path / "images"
-    (folder / "sub").mkdir(parents=True)
-    for k in range(3):
-        Image.fromarray(image_for(k)).save(folder / f"img{k}.png")
-    Image.fromarray(image_for(3)).save(folder / "sub" / "deep.jpg")
-    (folder / "notes.txt").write_text("not an image")  # not an image suffix: skipped
-    single = tmp_path / "single.png"
-    Image.fromarray(image_for(0)).save(single)
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"\x89PNG not really")
-    return folder, single, broken
-
-
-def test_batch_cli_writes_one_line_per_image_with_maps(tiny, tiny_dir, tmp_path):
-    folder, single, broken = _image_folder(tmp_path)
-    out = tmp_path / "captions.jsonl"
-    assert cli(["caption", str(folder), str(single), str(broken), "--out", str(out), "--model", tiny_dir,
-                "--batch-size", "2", "--max-new-tokens", "40"]) == 0
-    lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(lines) == 6  # 4 in the folder (recursively), the single file, the broken one
-    errors = [line for line in lines if "error" in line]
-    assert [e["path"] for e in errors] == [str(broken)]
-    good = [line for line in lines if "error" not in line]
-    for line in good:
-        assert {"path", "caption", "words", "word_maps", "cls_map", "grid", "word_probs"} <= line.keys()
-        assert line["words"] == line["caption"].split()
-        assert np.array(line["word_maps"]).shape == (len(line["words"]), *tiny.grid)
-        assert np.array(line["cls_map"]).shape == tiny.grid
-    by_path = {line["path"]: line for line in good}
-    assert by_path[str(folder / "img1.png")]["caption"] == tiny.caption(image_for(1), max_new_tokens=40).text
-
-
-def test_batch_cli_overlays_write_pngs_instead_of_maps(tiny_dir, tmp_path):
-    folder, _, _ = _image_folder(tmp_path)
-    out, overlays = tmp_path / "captions.jsonl", tmp_path / "overlays"
-    assert cli(["caption", str(folder / "img0.png"), str(folder / "img2.png"), "--out", str(out), "--model",
-                tiny_dir, "--overlays", str(overlays), "--beams", "1", "--max-new-tokens", "40"]) == 0
-    lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(lines) == 2
-    for line in lines:
-        assert "word_maps" not in line and len(line["overlays"]) == len(line["words"])
-        for png in [*line["overlays"], line["cls_overlay"]]:
-            assert Image.open(png).size[0] >= 384  # display-sized, as the page shows it
 
 
 def test_random_bpe_tokenizer_has_the_requested_size():
