@@ -25,6 +25,9 @@ class ModelConfig:
 
 PRESETS = {
     "scenes": ModelConfig(),
+    "scenes-p8": ModelConfig(patch_size=8),
+    "scenes-p8-l3": ModelConfig(patch_size=8, encoder_layers=3),
+    "scenes-p8-l2": ModelConfig(patch_size=8, encoder_layers=2),
     # tests: a non-square 4x6 grid, so a swapped height/width cannot go unnoticed
     "tiny": ModelConfig(image_size=(32, 48), patch_size=8, hidden_size=32, encoder_layers=2, decoder_layers=2,
                         heads=2, max_positions=40),

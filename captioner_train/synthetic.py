@@ -45,6 +45,12 @@ class SceneObject:
     word_index: int  # index of this object's noun in caption.split()
 
     @property
+    def phrase_indices(self) -> tuple[int, int, int]:
+        """Indices in caption.split() of the words that name this object: its size, colour and shape
+        ("a SIZE COLOUR SHAPE")."""
+        return self.word_index - 2, self.word_index - 1, self.word_index
+
+    @property
     def centre(self) -> tuple[float, float]:
         x0, y0, x1, y1 = self.box
         return (x0 + x1) / 2, (y0 + y1) / 2

@@ -22,6 +22,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from captioner.layout import config_grid
+
 from .architecture import PRESETS, build_model, image_processor
 from .data import CocoCaptions, Collator, FlickrCaptions, SyntheticScenes
 from .synthetic import VOCABULARY
@@ -55,6 +57,8 @@ class TrainConfig:
     ema: float = 0.999  # decay of the weight average that is saved (0: save the raw weights)
     max_tokens: int = 24  # caption tokens kept per sample, EOS included
     workers: int = 0  # data loader processes (on 2 cores, rendering in-process beats a competing worker)
+    render_processes: int = 0  # synthetic: render every scene once up front on this many processes (0: per step)
+    ground_weight: float = 0.0  # synthetic: weight of the grounding loss on the words that name an object
     checkpoint_every: int = 1000  # steps between resumable checkpoints
     resume: bool = False  # continue from out/checkpoint
     seed: int = 0
@@ -63,8 +67,11 @@ class TrainConfig:
 
 def _datasets(cfg: TrainConfig):
     if cfg.data == "synthetic":
-        train = SyntheticScenes(range(TRAIN_SEEDS_START, TRAIN_SEEDS_START + cfg.train_size))
-        val = SyntheticScenes(range(TRAIN_SEEDS_START - cfg.val_size, TRAIN_SEEDS_START))
+        grounded = cfg.ground_weight > 0
+        train = SyntheticScenes(range(TRAIN_SEEDS_START, TRAIN_SEEDS_START + cfg.train_size),
+                                cfg.render_processes, objects=grounded)
+        val = SyntheticScenes(range(TRAIN_SEEDS_START - cfg.val_size, TRAIN_SEEDS_START), cfg.render_processes,
+                              objects=grounded)
     elif cfg.data == "coco":
         train = CocoCaptions(cfg.train_json, cfg.image_dir, limit=cfg.train_size)
         val = CocoCaptions(cfg.val_json, cfg.val_image_dir or cfg.image_dir, limit=cfg.val_size)
@@ -73,7 +80,27 @@ def _datasets(cfg: TrainConfig):
         val = FlickrCaptions(cfg.train_json, cfg.image_dir, "val", limit=cfg.val_size)
     else:
         raise ValueError(f"unknown --data {cfg.data!r}; use synthetic, coco or flickr")
+    if cfg.ground_weight and cfg.data != "synthetic":
+        raise ValueError("--ground-weight needs object boxes, which only --data synthetic has")
     return train, val
+
+
+def grounding_loss(cross_attentions: tuple[torch.Tensor, ...], ground: torch.Tensor) -> torch.Tensor:
+    """Mean over layers and supervised rows of -log(share of the row's head-mean cross-attention that falls on the
+    named object), the share weighting each patch by how much of it the object's box covers.
+
+    cross_attentions: L tensors (B, H, T, P + gh*gw), P prefix keys (CLS) first; ground: (B, T, gh*gw) from
+    `Collator` (all-zero rows are not supervised). Attention that goes to the CLS key counts as off the object.
+    """
+    rows = ground.sum(-1) > 0  # (B, T)
+    if not rows.any():
+        return ground.new_zeros(())
+    n = ground.shape[-1]
+    losses = []
+    for a in cross_attentions:
+        on_object = (a.mean(1)[..., -n:] * ground).sum(-1)  # (B, T): head-mean attention mass on the object
+        losses.append(-torch.log(on_object[rows] + 1e-6).mean())
+    return torch.stack(losses).mean()
 
 
 def _model_and_preprocessing(cfg: TrainConfig):
@@ -146,6 +173,7 @@ def _validate(model, loader, accelerator) -> float:
     model.eval()
     total, count = 0.0, 0
     for batch in loader:
+        batch.pop("ground", None)  # validation loss: the captions alone
         n = (batch["labels"] != -100).sum()
         loss = model(**batch).loss * n
         total += accelerator.gather(loss.detach()).sum().item()
@@ -163,7 +191,10 @@ def main(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)
     model, tokenizer, processor = _model_and_preprocessing(cfg)
     train_set, val_set = _datasets(cfg)
-    collate = Collator(processor, tokenizer, cfg.max_tokens)
+    if cfg.ground_weight:  # the grounding loss reads the decoder's attention weights, which SDPA does not return
+        model.set_attn_implementation({"encoder": model.config.encoder._attn_implementation, "decoder": "eager"})
+    grid = config_grid(model.config.encoder) if cfg.ground_weight else None
+    collate = Collator(processor, tokenizer, cfg.max_tokens, grid)
     train_loader = DataLoader(train_set, cfg.batch_size, shuffle=True, collate_fn=collate, drop_last=True,
                               num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
                               generator=torch.Generator().manual_seed(cfg.seed))
@@ -204,7 +235,12 @@ def main(cfg: TrainConfig) -> dict:
         running = []
         for batch in loader:
             stage = _set_stage(accelerator.unwrap_model(model), progress["step"], cfg)
-            loss = model(**batch).loss
+            ground = batch.pop("ground", None)
+            if ground is None:
+                loss = model(**batch).loss
+            else:
+                outputs = model(**batch, output_attentions=True)
+                loss = outputs.loss + cfg.ground_weight * grounding_loss(outputs.cross_attentions, ground)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

@@ -10,8 +10,9 @@ from PIL import Image
 
 import captioner
 from captioner_train import synthetic, train
-from captioner_train.architecture import PRESETS, build_model, image_processor
+from captioner_train.architecture import PRESETS, ModelConfig, build_model, image_processor
 from captioner_train.data import CocoCaptions, Collator, FlickrCaptions, SyntheticScenes
+from captioner_train.pointing import cell_coverage, energy_share
 from captioner_train.vocabulary import bpe_tokenizer, word_tokenizer
 
 
@@ -138,3 +139,67 @@ def test_write_dataset_reads_back_as_coco(tmp_path):
     ds = CocoCaptions(path, tmp_path / "train")
     assert [c for _, c in ds] == [synthetic.make_scene(s).caption for s in range(5)]
     assert [c for _, c in SyntheticScenes(range(5))] == [c for _, c in ds]
+
+
+def test_scenes_rendered_ahead_equal_scenes_rendered_on_the_fly():
+    ahead = SyntheticScenes(range(100, 106), processes=2, objects=True, progress=False)
+    fly = SyntheticScenes(range(100, 106), objects=True)
+    for (a_img, a_cap, a_obj), (b_img, b_cap, b_obj) in zip(ahead, fly):
+        assert np.array_equal(a_img, b_img) and a_cap == b_cap and a_obj == b_obj
+    assert len(SyntheticScenes(range(3))[0]) == 2, "objects only when asked for"
+
+
+def test_grounding_targets_sit_on_the_rows_that_name_each_object():
+    tok = word_tokenizer(synthetic.VOCABULARY)
+    grid = (8, 8)
+    collate = Collator(image_processor(ModelConfig()), tok, max_tokens=24, grid=grid)
+    items = [SyntheticScenes(range(s, s + 1), objects=True)[0] for s in (5, 6)]
+    batch = collate(items)
+    for b, (_, caption, objects) in enumerate(items):
+        named = {k for words, _ in objects for k in words}
+        ground = batch["ground"][b]  # (T, gh*gw)
+        assert {k for k in range(ground.shape[0]) if ground[k].sum() > 0} == named
+        scene = synthetic.make_scene((5, 6)[b])
+        for obj in scene.objects:
+            words = caption.split()
+            assert [words[k] for k in obj.phrase_indices] == [obj.size, obj.colour, obj.shape]
+            expected = torch.from_numpy(cell_coverage(grid, obj.box, (96, 96)).ravel()).float()
+            assert torch.allclose(ground[obj.word_index], expected)
+            assert batch["labels"][b, obj.word_index] == tok.convert_tokens_to_ids(obj.shape), \
+                "row k predicts token k: the label at the noun's index is the noun"
+    assert "ground" not in Collator(image_processor(ModelConfig()), tok, 24)(items), "no grid, no target"
+
+
+def test_grounding_loss_is_zero_on_the_object_and_large_off_it():
+    ground = torch.zeros(1, 3, 4)  # (B, T, gh*gw) on a 2x2 grid
+    ground[0, 1] = torch.tensor([1.0, 0.5, 0.0, 0.0])
+    on = torch.zeros(1, 2, 3, 5)  # (B, H, T, 1 + 4): CLS key first
+    on[..., 1] = 1.0
+    assert train.grounding_loss((on, on), ground).item() == pytest.approx(0.0, abs=1e-5)
+    half = torch.zeros(1, 2, 3, 5)
+    half[..., 2] = 1.0  # all on a patch the box covers by half
+    assert train.grounding_loss((half,), ground).item() == pytest.approx(-np.log(0.5), abs=1e-4)
+    cls = torch.zeros(1, 2, 3, 5)
+    cls[..., 0] = 1.0  # all on CLS: off the object
+    assert train.grounding_loss((cls,), ground).item() > 10
+    mixed = torch.zeros(1, 2, 3, 5)
+    mixed[:, 0, :, 1], mixed[:, 1, :, 4] = 1.0, 1.0  # heads split: the head mean has half on the object
+    assert train.grounding_loss((mixed,), ground).item() == pytest.approx(-np.log(0.5), abs=1e-4)
+    assert train.grounding_loss((on,), torch.zeros(1, 3, 4)).item() == 0.0, "no named object, no loss"
+
+
+def test_grounded_training_runs_and_pulls_attention_onto_objects(tmp_path):
+    cfg = dict(train_size=256, val_size=16, epochs=2, render_processes=2, batch_size=16, lr=3e-3)
+    plain = train.main(_config(tmp_path / "plain", **cfg))
+    grounded = train.main(_config(tmp_path / "grounded", **cfg, ground_weight=1.0))
+    assert np.isfinite(grounded["train_loss"]) and grounded["train_loss"] > plain["train_loss"] * 0.5
+    caps = {k: captioner.load(str(tmp_path / k / "model")) for k in ("plain", "grounded")}
+    shares = {}
+    for k, cap in caps.items():
+        share = []
+        for seed in range(10_000_000, 10_000_016):  # training scenes: what the loss saw
+            scene = synthetic.make_scene(seed)
+            maps = cap.explain(scene.image, scene.caption, method="attention").word_maps
+            share += [energy_share(maps[o.word_index], o.box, (96, 96)) for o in scene.objects]
+        shares[k] = np.mean(share)
+    assert shares["grounded"] > shares["plain"] + 0.05, shares
