@@ -42,6 +42,8 @@ class Models:
 def _publish(cap: captioner.Captioner, res: captioner.CaptionResult, grid: bool, model: str | None):
     """Everything a caption shows; the state keeps the (display-sized) result, its model and the selected word."""
     res = views.for_page(res)
+    for note in res.notes:  # also at the top of the summary; a toast is what a visitor cannot miss
+        gr.Warning(note)
     return (*views.pictures(res, 0, grid), res.to_json(), views.summary(res, cap.device),
             {"result": res, "model": model, "word": 0})
 

@@ -5,6 +5,8 @@ else the small scene captioner bundled in `assets/model`, so the demo runs with 
 """
 from __future__ import annotations
 
+import json
+
 import os
 import socket
 from pathlib import Path
@@ -105,4 +107,17 @@ def load(name_or_path: str | None = None, device: str | None = None, int8: bool 
         from .quantize import int8 as quantize_int8
         model = quantize_int8(model)
     label = model_label(name)
-    return Captioner(model, tokenizer, processor, name=f"{label} (int8)" if int8 else label)
+    cap = Captioner(model, tokenizer, processor, name=f"{label} (int8)" if int8 else label)
+    if local and _scenes_only(name):  # its caption of a photo is a guess, and each result says so
+        size = getattr(processor, "size", None) or {}
+        cap.scenes_only, cap.photo_model = (size.get("height"), size.get("width")), HUB_MODEL
+    return cap
+
+
+def _scenes_only(folder: str) -> bool:
+    """Whether the model in `folder` was trained on the project's synthetic scenes alone (its training card says
+    so)."""
+    try:
+        return json.loads(Path(folder, "training_card.json").read_text()).get("config", {}).get("data") == "synthetic"
+    except (OSError, ValueError, AttributeError):
+        return False

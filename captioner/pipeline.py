@@ -21,6 +21,7 @@ METHODS = ("attention", "rollout", "relevance")
 DEFAULT_METHOD = "relevance"  # page, API and library alike: it points best, at under 2x attention's cost (README)
 MAX_CAPTION_CHARS = 500
 EMPTY_CAPTION = "The model produced an empty caption; try beams or sampling."
+SCENES_ONLY = "This model knows only the synthetic scenes it was trained on"
 
 
 @dataclass
@@ -99,6 +100,10 @@ class Captioner:
         # default to attention; every other model's to relevance
         self.int8 = any("quantized" in type(m).__module__ for m in model.modules())
         self.default_method = "attention" if self.int8 or self.layout.windowed else DEFAULT_METHOD
+        # (H, W) of the synthetic scenes this model was trained on alone, or None, and the model to suggest for
+        # photos instead (`load` reads the training card)
+        self.scenes_only: tuple[int, int] | None = None
+        self.photo_model = ""
 
     def __repr__(self) -> str:
         return f"Captioner({self.name!r}, device={self.device}, grid={self.grid})"
@@ -169,6 +174,13 @@ class Captioner:
         no_cls = f"This {self.layout.model_type} encoder has no CLS token, so there is no CLS map."
         if not self.layout.has_cls and no_cls not in notes:
             notes = [*notes, no_cls]
+        if self.scenes_only and tuple(rgb.shape[:2]) != self.scenes_only and not any(
+                n.startswith(SCENES_ONLY) for n in notes):
+            h, w = self.scenes_only
+            notes = [*notes, f"{SCENES_ONLY} ({h}×{w} px scenes of coloured shapes); this {rgb.shape[1]}×"
+                             f"{rgb.shape[0]} px image is not one, so the caption is a guess. For photos, choose "
+                             f"{self.photo_model} in the Model menu (on the Space, or wherever the hub is "
+                             "reachable)."]
         maps = self._maps(enc, spelling, how, decoded)
         seconds["maps"] = time.perf_counter() - t
         ids, groups = spelling.ids, spelling.groups

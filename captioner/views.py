@@ -45,12 +45,13 @@ def for_page(res: CaptionResult) -> CaptionResult:
 
 
 def summary(res: CaptionResult, device) -> str:
-    """Markdown: word probabilities, model, device, method, grid, timings and notes."""
+    """Markdown: notes first (a photo given to the scene model, unknown words: what must not be missed), then word
+    probabilities, model, device, method, grid and timings."""
     probs = " · ".join(f"{w} {p:.0%}" for w, p in zip(res.words, res.word_probs))
     timings = " · ".join(f"{k} {v * 1000:.0f} ms" for k, v in res.seconds.items())
-    notes = "".join(f"\n\n⚠️ {n}" for n in res.notes)
-    return f"**Word probabilities** {probs}\n\n**Model** `{res.model}` on {device} · maps: {res.method} · grid " \
-        f"{res.grid[0]}×{res.grid[1]} · {timings}{notes}"
+    notes = "".join(f"⚠️ **{n}**\n\n" for n in res.notes)
+    return f"{notes}**Word probabilities** {probs}\n\n**Model** `{res.model}` on {device} · maps: {res.method} · " \
+        f"grid {res.grid[0]}×{res.grid[1]} · {timings}"
 
 
 def map_arguments(cap: Captioner, method: str | None, layers: str | None, head: int | None) -> dict:
