@@ -39,10 +39,12 @@ class Models:
         return self.load(self.paths[label])
 
 
-def _publish(cap: captioner.Captioner, res: captioner.CaptionResult, grid: bool, model: str | None):
-    """Everything a caption shows; the state keeps the (display-sized) result, its model and the selected word."""
+def _publish(cap: captioner.Captioner, res: captioner.CaptionResult, grid: bool, model: str | None,
+             toast: bool = True):
+    """Everything a caption shows; the state keeps the (display-sized) result, its model and the selected word.
+    toast: the result's notes also pop up (not again when only the maps of the same caption change)."""
     res = views.for_page(res)
-    for note in res.notes:  # also at the top of the summary; a toast is what a visitor cannot miss
+    for note in res.notes if toast else ():  # also at the top of the summary; a toast is hard to miss
         gr.Warning(note)
     return (*views.pictures(res, 0, grid), res.to_json(), views.summary(res, cap.device),
             {"result": res, "model": model, "word": 0})
@@ -87,7 +89,8 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
         if state is None:  # nothing on the page yet: the choice applies to the next caption
             return (gr.skip(),) * 7
         cap = loaded.get(state["model"])
-        return _publish(cap, cap.remap(state["result"], **views.map_arguments(cap, method, layers, head)), grid, state["model"])
+        return _publish(cap, cap.remap(state["result"], **views.map_arguments(cap, method, layers, head)), grid,
+                        state["model"], toast=False)
 
     def on_select(state, grid, evt: gr.SelectData):
         if state is None:

@@ -55,18 +55,18 @@ def maps_dir(out: Path) -> Path:
     return out.with_name(out.stem + ".maps")
 
 
-def read_lines(files) -> dict[str, dict]:
-    """{path: line} from JSONL files; a line cut short by a killed process is skipped, the first line of a path
-    wins."""
-    lines: dict[str, dict] = {}
+def read_lines(files) -> dict[str, str]:
+    """{path: its JSONL line, as written} from shard files; a line cut short by a killed process is skipped, the
+    first line of a path wins. Lines stay text: the merge copies them, and a million parsed lines would not fit."""
+    lines: dict[str, str] = {}
     for file in files:
         with open(file) as f:
             for text in f:
                 try:
-                    line = json.loads(text)
-                except json.JSONDecodeError:
+                    path = json.loads(text)["path"]
+                except (json.JSONDecodeError, KeyError):
                     continue
-                lines.setdefault(line["path"], line)
+                lines.setdefault(path, text if text.endswith("\n") else text + "\n")
     return lines
 
 
@@ -161,7 +161,8 @@ def caption_collection(cap, paths: list[Path], out: Path, ranks: Ranks = Ranks()
         parts.mkdir(parents=True, exist_ok=True)
         maps_dir(out).mkdir(parents=True, exist_ok=True)
     distributed.barrier(ranks)
-    done_before = set(read_lines(sorted(parts.glob("*.jsonl"))))
+    shards_before = sorted(parts.glob("*.jsonl"))
+    done_before = read_lines(shards_before)
     distributed.barrier(ranks)  # everyone has read the shards before anyone adds to them
     todo = [p for p in paths if str(p) not in done_before]
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
@@ -192,12 +193,12 @@ def caption_collection(cap, paths: list[Path], out: Path, ranks: Ranks = Ranks()
             bar.set_postfix(failed=failed)
     distributed.barrier(ranks)
     if ranks.main:
-        merged = read_lines(sorted(parts.glob("*.jsonl")))
+        merged = done_before  # read once at the start; only this run's shards are new
+        for path, text in read_lines(sorted(set(parts.glob("*.jsonl")) - set(shards_before))).items():
+            merged.setdefault(path, text)
         tmp = out.with_name(f".{out.name}.tmp")
         with open(tmp, "w") as f:
-            for p in paths:
-                if str(p) in merged:
-                    f.write(json.dumps(merged[str(p)]) + "\n")
+            f.writelines(merged[str(p)] for p in paths if str(p) in merged)
         os.replace(tmp, out)
     distributed.barrier(ranks)
     return Summary(len(paths), done, failed, len(paths) - len(todo), time.perf_counter() - start)

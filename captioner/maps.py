@@ -51,15 +51,16 @@ def rollout_maps(cross_attentions: tuple[torch.Tensor, ...], encoder_attentions:
 
 
 def relevance_maps(model, enc, start_token_id: int, ids: list[int], groups: list[list[int]],
-                   layout: EncoderLayout) -> Maps:
+                   layout: EncoderLayout, through_encoder: bool = True) -> Maps:
     """enc: the encoder output with attentions. One target per word plus the whole caption (its row gives the raw
-    token maps); CLS: the encoder relevance's CLS row."""
+    token maps); CLS: the encoder relevance's CLS row. through_encoder=False: see `relevance.relevance_rows`."""
     device = enc.last_hidden_state.device
     targets = torch.zeros(len(groups) + 1, len(ids), device=device)  # (W+1, T)
     for w, g in enumerate(groups):
         targets[w, g] = 1
     targets[-1] = 1
-    r_ti, r_ii, token_logp = relevance_rows(model, enc, decoder_input(start_token_id, ids, device), targets)
+    r_ti, r_ii, token_logp = relevance_rows(model, enc, decoder_input(start_token_id, ids, device), targets,
+                                            through_encoder)
     words = torch.stack([r_ti[w, g].sum(0) if g else torch.zeros_like(r_ti[0, 0])
                          for w, g in enumerate(groups)]) if groups else r_ti[:0, 0]  # (W, N)
     grid, prefix = layout.grid, layout.prefix

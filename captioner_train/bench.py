@@ -73,8 +73,8 @@ def _median(times: list[float]) -> float:
 
 def plain_generate(model, processor, image, num_beams: int, max_new_tokens: int = NEW_TOKENS) -> list[int]:
     """The anchor: the caption alone, from pixels, by `generate`; tokens cut before EOS."""
-    pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]  # (1, 3, h, w)
-    with torch.no_grad():
+    pixel_values = processor(images=image, return_tensors="pt")["pixel_values"].to(model.device, model.dtype)
+    with torch.no_grad():  # pixel_values (1, 3, h, w) on the model's device and dtype (a GPU's fp16 too)
         out = model.generate(pixel_values=pixel_values, max_new_tokens=max_new_tokens, max_length=None,
                              num_beams=num_beams, do_sample=False, temperature=None, top_k=None, top_p=None)
     ids, eos = out[0, 1:].tolist(), model.generation_config.eos_token_id

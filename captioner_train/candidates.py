@@ -17,8 +17,8 @@ import torch
 
 from captioner import attention
 from captioner.forcing import decoder_input, token_log_probs
+from captioner.maps import relevance_maps
 from captioner.pipeline import Captioner
-from captioner.relevance import relevance_rows
 
 
 def gradient_x_input(cap: Captioner, image, text: str) -> np.ndarray:
@@ -43,16 +43,9 @@ def gradient_x_input(cap: Captioner, image, text: str) -> np.ndarray:
 
 def decoder_relevance(cap: Captioner, image, text: str) -> np.ndarray:
     ids, groups = cap.tokenize(text)
-    pixel_values = cap.pixel_values(image)
     with torch.no_grad():
-        enc = cap.model.encoder(pixel_values=pixel_values, output_attentions=True)
-    targets = torch.zeros(len(groups), len(ids), device=cap.device)  # (W, T)
-    for w, g in enumerate(groups):
-        targets[w, g] = 1
-    r_ti, _, _ = relevance_rows(cap.model, enc, decoder_input(cap.start_token_id, ids, cap.device), targets,
-                                through_encoder=False)  # (W, T+1, N)
-    words = torch.stack([r_ti[w, g].sum(0) for w, g in enumerate(groups)])  # (W, N)
-    return attention.normalise(attention.patch_maps(words, cap.layout.grid, cap.layout.prefix))
+        enc = cap.model.encoder(pixel_values=cap.pixel_values(image), output_attentions=True)
+    return relevance_maps(cap.model, enc, cap.start_token_id, ids, groups, cap.layout, through_encoder=False).words
 
 
 CANDIDATES = {"gradxinput": gradient_x_input, "decoder-relevance": decoder_relevance}

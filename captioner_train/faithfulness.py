@@ -79,12 +79,14 @@ def compare_methods(cap: Captioner, n_scenes: int = 200, seed_start: int = EVAL_
         return None
     records = sorted((r for part in gathered for r in part), key=lambda r: r["seed"])
 
-    def mean(m: str | None, key: str) -> float:
-        return float(np.mean([x for r in records for x in (r[m][key] if m else r[key])]))
-    return {m: {"pointing": mean(m, "hits"), "energy": mean(m, "energy"),
-                "energy_overlay": mean(m, "energy_overlay"), "energy_uniform": mean(None, "uniform"),
-                "energy_overlay_uniform": mean(None, "uniform_overlay"), "deletion_auc": mean(m, "auc"),
-                "deletion_auc_random": mean(m, "auc_random"), "rank_corr_random_weights": mean(m, "rank_corr"),
+    def mean(values) -> float:
+        return float(np.mean(list(values)))
+    uniform = mean(x for r in records for x in r["uniform"])
+    uniform_overlay = mean(x for r in records for x in r["uniform_overlay"])
+    keys = {"pointing": "hits", "energy": "energy", "energy_overlay": "energy_overlay", "deletion_auc": "auc",
+            "deletion_auc_random": "auc_random", "rank_corr_random_weights": "rank_corr"}
+    return {m: {**{name: mean(x for r in records for x in r[m][key]) for name, key in keys.items()},
+                "energy_uniform": uniform, "energy_overlay_uniform": uniform_overlay,
                 "words": sum(len(r[m]["hits"]) for r in records)}
             for m in methods}
 

@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import VisionEncoderDecoderModel
 
 import captioner
-from captioner_train.bench import EXAMPLES, NEW_TOKENS, build_full_size, eleven_words
+from captioner_train.bench import EXAMPLES, NEW_TOKENS, build_full_size, eleven_words, plain_generate
 from captioner_train.synthetic import make_scene
 
 
@@ -36,17 +36,9 @@ def _timed(fn, repeats: int) -> tuple[float, object]:
 def check(label: str, folder: str, image, text: str, repeats: int) -> list[str]:
     cap = captioner.load(folder, device="cuda")
     anchor = VisionEncoderDecoderModel.from_pretrained(folder, dtype=cap.model.dtype).to("cuda").eval()
-    pixel_values = cap.pixel_values(image)
-    eos = anchor.generation_config.eos_token_id
     lines = []
     for beams in (4, 1):
-        def plain():
-            with torch.no_grad():
-                out = anchor.generate(pixel_values=pixel_values, max_new_tokens=NEW_TOKENS, max_length=None,
-                                      num_beams=beams, do_sample=False)
-            ids = out[0, 1:].tolist()
-            return ids[: ids.index(eos)] if eos in ids else ids
-        t_plain, ids = _timed(plain, repeats)
+        t_plain, ids = _timed(lambda: plain_generate(anchor, cap.processor, image, beams), repeats)
         t_ours, res = _timed(lambda: cap.caption(image, max_new_tokens=NEW_TOKENS, num_beams=beams,
                                                  method="attention"), repeats)
         lines.append(f"| {label} | {'beam 4' if beams == 4 else 'greedy'} | {t_plain * 1e3:.0f} ms | "
