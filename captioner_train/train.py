@@ -8,19 +8,22 @@ decoder, then everything. The output folder loads with `captioner.load(folder)`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, broadcast_object_list,
+                               set_seed)
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from captioner.layout import config_grid
 
@@ -30,6 +33,9 @@ from .synthetic import VOCABULARY
 from .vocabulary import word_tokenizer
 
 TRAIN_SEEDS_START = 10_000_000  # training scenes; evaluation and tests use seeds below this
+REPLAN_EVERY = 25  # steps between re-estimates of how many steps a --minutes budget allows
+SAVE_RESERVE_S = 20.0  # kept back from a --minutes budget for the final validation and saving
+_clock = time.monotonic  # tests replace it to run a budget on a simulated clock
 
 
 @dataclass
@@ -47,6 +53,7 @@ class TrainConfig:
     decoder: str = ""  # pretrained decoder, e.g. gpt2
     epochs: int = 1
     max_steps: int = 0  # train for this many optimizer steps in all (0: run all epochs); sets the LR schedule
+    minutes: float = 0.0  # end within this many minutes of starting, rendering included (0: no limit); see plan_steps
     stop_after: int = 0  # end this run at this step (0: at the end); --resume carries on with the same schedule
     batch_size: int = 64
     lr: float = 1.5e-3  # peak learning rate
@@ -101,6 +108,26 @@ def grounding_loss(cross_attentions: tuple[torch.Tensor, ...], ground: torch.Ten
         on_object = (a.mean(1)[..., -n:] * ground).sum(-1)  # (B, T): head-mean attention mass on the object
         losses.append(-torch.log(on_object[rows] + 1e-6).mean())
     return torch.stack(losses).mean()
+
+
+def lr_factor(step: int, warmup: int, horizon: int) -> float:
+    """Linear warm-up to the peak over `warmup` steps, then a half cosine that reaches 0 at `horizon`
+    (transformers' get_cosine_schedule_with_warmup, with a horizon that a time budget may move)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, horizon - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def plan_steps(step: int, cap: int, steps_per_s: float, seconds_left: float) -> int:
+    """The step at which to end: as many more steps as `seconds_left` allows at the rate measured so far, never
+    beyond `cap` (the epochs or --max-steps) and never before `step`.
+
+    Why a budget rather than a step count: CPUs differ by 2x and more (1.6 steps/s on one 2-core AMD EPYC, 3.5 on an
+    AMX Xeon), so no fixed count fits an hour on every machine. The cosine schedule ends at the planned step, so a
+    slower machine trains fewer steps but still anneals to a small learning rate instead of being cut mid-decay.
+    """
+    return max(step, min(cap, step + int(steps_per_s * max(0.0, seconds_left))))
 
 
 def _model_and_preprocessing(cfg: TrainConfig):
@@ -168,6 +195,39 @@ class _Ema:
         self.model.load_state_dict(state)
 
 
+class _Budget:
+    """Re-plans the last step of a --minutes run every REPLAN_EVERY steps from the training rate seen so far.
+
+    Kept back from the time left: one validation pass per epoch end still to come (timed once one has run; before
+    that, priced as one training step per validation batch, an overestimate) and SAVE_RESERVE_S for saving.
+    """
+
+    def __init__(self, cfg: TrainConfig, started: float, step: int, steps_per_epoch: int, val_batches: int):
+        self.deadline = started + 60 * cfg.minutes if cfg.minutes else None
+        self.steps_per_epoch, self.val_batches, self.val_s = steps_per_epoch, val_batches, None
+        self.first_step, self.train_s, self.last = step, 0.0, _clock()
+
+    def stepped(self) -> None:
+        now = _clock()
+        self.train_s, self.last = self.train_s + now - self.last, now
+
+    def due(self, step: int) -> bool:
+        return self.deadline is not None and step % REPLAN_EVERY == 0
+
+    def plan(self, step: int, cap: int) -> int:
+        rate = (step - self.first_step) / max(self.train_s, 1e-9)  # steps/s
+        validations = -(-(cap - step) // self.steps_per_epoch) + 1  # epoch ends still to come, and the last
+        val_s = self.val_s if self.val_s is not None else self.val_batches / rate
+        left = self.deadline - _clock() - SAVE_RESERVE_S - validations * val_s
+        return plan_steps(step, cap, rate, left)
+
+    @contextlib.contextmanager
+    def validating(self):
+        t = _clock()
+        yield
+        self.val_s, self.last = _clock() - t, _clock()  # validation time is not training time
+
+
 @torch.no_grad()
 def _validate(model, loader, accelerator) -> float:
     model.eval()
@@ -184,9 +244,16 @@ def _validate(model, loader, accelerator) -> float:
 
 def main(cfg: TrainConfig) -> dict:
     """Run training as configured; returns the metrics written to the training card."""
-    # a seedable sampler reshuffles from seed + epoch, so a resumed run sees the same order as an unbroken one
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    started = _clock()  # a --minutes budget counts from here: rendering and validation are part of it
+    # A seedable sampler reshuffles from seed + epoch, so a resumed run sees the same order as an unbroken one.
+    # Several processes without a GPU (torchrun --nproc_per_node N): accelerate joins them over gloo only when told
+    # cpu=True; otherwise each would train alone on all the data.
+    several_on_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # find_unused_parameters: parameters the loss does not reach (ViT's pooler, the stages' frozen ones) would
+    # otherwise stop DDP at the second step.
+    accelerator = Accelerator(cpu=several_on_cpu, mixed_precision=cfg.mixed_precision,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(cfg.seed)
     out = Path(cfg.out)
     model, tokenizer, processor = _model_and_preprocessing(cfg)
@@ -199,18 +266,21 @@ def main(cfg: TrainConfig) -> dict:
                               num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
                               generator=torch.Generator().manual_seed(cfg.seed))
     val_loader = DataLoader(val_set, cfg.batch_size, collate_fn=collate, num_workers=0)
-    total_steps = cfg.epochs * len(train_loader)
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.98))
-    schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
-    model, optimizer, train_loader, val_loader, schedule = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, schedule)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    # Steps are counted per process, after prepare() has split the batches among the processes; the schedule is
+    # stepped here once per optimizer step (accelerate would step a prepared one once per process).
+    steps_per_epoch = len(train_loader)
+    cap = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        cap = min(cap, cfg.max_steps)
+    progress = {"step": 0, "horizon": cap}  # horizon: the step the schedule anneals to and the run ends at
+    schedule = LambdaLR(optimizer, lambda step: lr_factor(step, cfg.warmup_steps, progress["horizon"]))
+    accelerator.register_for_checkpointing(schedule)
     ema = _Ema(accelerator.unwrap_model(model), cfg.ema) if cfg.ema else None
     if ema:
         accelerator.register_for_checkpointing(ema)
-    progress = {"step": 0}
 
     class _Progress:  # the step counter travels with the checkpoint
         state_dict = staticmethod(lambda: dict(progress))
@@ -223,12 +293,11 @@ def main(cfg: TrainConfig) -> dict:
     history, start = [], time.time()
     if cfg.resume and (out / "training_card.json").exists():  # one card for the whole run, across sessions
         history = json.loads((out / "training_card.json").read_text())["history"]
-    bar = tqdm(total=total_steps, initial=progress["step"], disable=not accelerator.is_main_process,
+    budget = _Budget(cfg, started, progress["step"], steps_per_epoch, len(val_loader))
+    bar = tqdm(total=progress["horizon"], initial=progress["step"], disable=not accelerator.is_main_process,
                desc="train", dynamic_ncols=True)
     model.train()
-    steps_per_epoch = len(train_loader)
-    end = min(total_steps, cfg.stop_after or total_steps)
-    while progress["step"] < end:
+    while progress["step"] < min(progress["horizon"], cfg.stop_after or cap):
         epoch, skip = divmod(progress["step"], steps_per_epoch)
         train_loader.set_epoch(epoch)  # a new, reproducible order each epoch
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
@@ -250,17 +319,22 @@ def main(cfg: TrainConfig) -> dict:
             if ema:
                 ema.update(accelerator.unwrap_model(model), progress["step"])
             running.append(loss.item())
+            budget.stepped()
+            if budget.due(progress["step"]):
+                progress["horizon"] = broadcast_object_list([budget.plan(progress["step"], cap)])[0]
+                bar.total = progress["horizon"]
             bar.update(1)
             bar.set_postfix(loss=f"{sum(running[-50:]) / len(running[-50:]):.3f}", stage=stage)
             if progress["step"] % cfg.checkpoint_every == 0:
                 accelerator.save_state(str(out / "checkpoint"))
-            if progress["step"] >= end:
+            if progress["step"] >= min(progress["horizon"], cfg.stop_after or cap):
                 break
         eval_model = ema.model if ema else model
-        val_loss = _validate(eval_model, val_loader, accelerator)
+        with budget.validating():
+            val_loss = _validate(eval_model, val_loader, accelerator)
         record = {"epoch": epoch + 1, "step": progress["step"], "train_loss": sum(running) / max(len(running), 1),
                   "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)),
-                  "minutes": (time.time() - start) / 60}
+                  "minutes": (time.time() - start) / 60, "lr": schedule.get_last_lr()[0]}
         record["train_perplexity"] = math.exp(min(record["train_loss"], 50))
         history.append(record)
         accelerator.print(json.dumps(record))
@@ -273,7 +347,8 @@ def main(cfg: TrainConfig) -> dict:
         tokenizer.save_pretrained(out)
         processor.save_pretrained(out)
         card = {"config": asdict(cfg), "history": history, "final": history[-1] if history else {},
-                "parameters": sum(p.numel() for p in final.parameters()), "torch_threads": torch.get_num_threads()}
+                "parameters": sum(p.numel() for p in final.parameters()), "torch_threads": torch.get_num_threads(),
+                "steps": progress["step"], "step_cap": cap, "minutes": (_clock() - started) / 60}
         (out / "training_card.json").write_text(json.dumps(card, indent=2))
     return history[-1] if history else {}
 

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,3 +207,54 @@ def test_grounded_training_runs_and_pulls_attention_onto_objects(tmp_path):
             share += [energy_share(maps[o.word_index], o.box, (96, 96)) for o in scene.objects]
         shares[k] = np.mean(share)
     assert shares["grounded"] > shares["plain"] + 0.05, shares
+
+
+def test_the_schedule_is_transformers_warmup_cosine_when_the_horizon_stays():
+    from transformers import get_cosine_schedule_with_warmup
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_cosine_schedule_with_warmup(opt, 30, 200).lr_lambdas[0]
+    for step in (0, 1, 29, 30, 31, 100, 199, 200):
+        assert train.lr_factor(step, 30, 200) == pytest.approx(reference(step)), step
+    assert train.lr_factor(250, 30, 200) == 0.0, "past the horizon it stays at 0 (transformers rises again)"
+    assert train.lr_factor(120, 30, 120) == 0.0 and train.lr_factor(60, 30, 120) > train.lr_factor(60, 30, 90)
+
+
+def test_plan_steps_fits_the_time_left_and_never_passes_the_cap():
+    assert train.plan_steps(100, 5600, 2.0, 600.0) == 1300
+    assert train.plan_steps(100, 1000, 2.0, 600.0) == 1000, "a fast machine trains the full recipe"
+    assert train.plan_steps(100, 1000, 2.0, -5.0) == 100, "out of time: end now"
+
+
+def test_a_minutes_budget_ends_in_time_with_the_learning_rate_annealed(tmp_path, monkeypatch):
+    now = [0.0]
+
+    def clock():  # every reading moves a simulated clock on by 0.25 s, so each step "costs" time
+        now[0] += 0.25
+        return now[0]
+    monkeypatch.setattr(train, "_clock", clock)
+    monkeypatch.setattr(train, "REPLAN_EVERY", 2)
+    monkeypatch.setattr(train, "SAVE_RESERVE_S", 1.0)
+    cfg = _config(tmp_path, epochs=20, minutes=0.2, checkpoint_every=1000)  # cap: 20 epochs x 4 batches = 80 steps
+    train.main(cfg)
+    card = json.loads((tmp_path / "model" / "training_card.json").read_text())
+    assert card["step_cap"] == 80 and 8 < card["steps"] < 80, card["steps"]
+    assert card["minutes"] <= 0.2, "the run ended within its budget, on the simulated clock"
+    assert card["final"]["step"] == card["steps"] and card["final"]["lr"] < 0.05 * cfg.lr, \
+        "the schedule anneals to the step the budget allowed, not to the cap"
+    assert captioner.load(str(tmp_path / "model")).caption(synthetic.make_scene(1).image).words
+
+
+def test_torchrun_training_splits_the_batches_and_anneals_once(tmp_path):
+    """Two processes: each takes half the batches of an epoch, and the schedule ends at the run's last step
+    (a scheduler prepared by accelerate would be stepped once per process and reach 0 halfway)."""
+    out = tmp_path / "model"
+    args = ["--out", str(out), "--preset", "tiny", "--train-size", "64", "--val-size", "16", "--batch-size", "16",
+            "--epochs", "3", "--warmup-steps", "1", "--ema", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "captioner_train.train", *args], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    card = json.loads((out / "training_card.json").read_text())
+    assert [h["step"] for h in card["history"]] == [2, 4, 6], "4 batches an epoch, 2 per process"
+    assert card["history"][1]["lr"] > 0 and card["history"][-1]["lr"] == 0.0
