@@ -215,8 +215,10 @@ def test_kernels_are_chosen_by_timing_and_decode_the_same(random_eos):
                                for k in range(len(CAPTIONS))]
     finally:
         fastdecode.kernels_for(random_eos.model).force = saved
+    # The two kernels sum in different orders, and how far apart that leaves them depends on the CPU's BLAS: 2e-5 in
+    # a map on an AMX Xeon, under 1e-5 on an AMD EPYC. Tokens must agree exactly.
     for a, b in zip(*results.values()):
-        assert a.token_ids == b.token_ids and np.allclose(a.word_maps, b.word_maps, atol=atol(random_eos))
+        assert a.token_ids == b.token_ids and np.allclose(a.word_maps, b.word_maps, atol=atol(random_eos, 1e-4))
 
 
 def test_int8_fast_decoding_equals_generate_on_the_same_int8_model(tiny_dir):
