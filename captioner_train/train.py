@@ -54,6 +54,7 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int = 0  # train for this many optimizer steps in all (0: run all epochs); sets the LR schedule
     minutes: float = 0.0  # end within this many minutes of starting, rendering included (0: no limit); see plan_steps
+    # (--resume keeps the end step planned before, re-planned from then on if --minutes is given again)
     stop_after: int = 0  # end this run at this step (0: at the end); --resume carries on with the same schedule
     batch_size: int = 64
     lr: float = 1.5e-3  # peak learning rate
@@ -112,22 +113,39 @@ def grounding_loss(cross_attentions: tuple[torch.Tensor, ...], ground: torch.Ten
 
 def lr_factor(step: int, warmup: int, horizon: int) -> float:
     """Linear warm-up to the peak over `warmup` steps, then a half cosine that reaches 0 at `horizon`
-    (transformers' get_cosine_schedule_with_warmup, with a horizon that a time budget may move)."""
+    (transformers' get_cosine_schedule_with_warmup, with a horizon that a time budget may move). A horizon under
+    twice the warm-up halves it, so that even a run a budget cuts very short ends annealed."""
+    warmup = min(warmup, horizon // 2)
     if step < warmup:
         return step / max(1, warmup)
     progress = (step - warmup) / max(1, horizon - warmup)
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
-def plan_steps(step: int, cap: int, steps_per_s: float, seconds_left: float) -> int:
-    """The step at which to end: as many more steps as `seconds_left` allows at the rate measured so far, never
-    beyond `cap` (the epochs or --max-steps) and never before `step`.
+def validations_to_come(step: int, horizon: int, steps_per_epoch: int) -> int:
+    """Validation passes left once `step` has been trained, for a run that ends at `horizon`: one per epoch end up
+    to it (this step's own, if it ends an epoch), and a last one if the horizon does not end an epoch."""
+    spe = steps_per_epoch
+    return horizon // spe - step // spe + (horizon % spe != 0) + (step % spe == 0 and horizon > step)
 
-    Why a budget rather than a step count: CPUs differ by 2x and more (1.6 steps/s on one 2-core AMD EPYC, 3.5 on an
+
+def plan_steps(step: int, cap: int, steps_per_s: float, seconds_left: float, steps_per_epoch: int = 1,
+               validation_s: float = 0.0) -> int:
+    """The step at which to end: the last one, at most `cap` (the epochs or --max-steps) and at least `step`, whose
+    training at the rate measured so far plus the validations up to it fit in `seconds_left`.
+
+    Why a budget rather than a step count: CPUs differ by 2x and more (1.6 steps/s on one 2-core AMD EPYC, 3.1 on an
     AMX Xeon), so no fixed count fits an hour on every machine. The cosine schedule ends at the planned step, so a
     slower machine trains fewer steps but still anneals to a small learning rate instead of being cut mid-decay.
     """
-    return max(step, min(cap, step + int(steps_per_s * max(0.0, seconds_left))))
+    def cost(h: int) -> float:  # seconds from now to the end of a run that stops at h; grows with h
+        return (h - step) / steps_per_s + validations_to_come(step, h, steps_per_epoch) * validation_s
+
+    lo, hi = step, cap  # binary search for the largest h with cost(h) <= seconds_left
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= seconds_left else (lo, mid - 1)
+    return lo
 
 
 def _model_and_preprocessing(cfg: TrainConfig):
@@ -211,21 +229,21 @@ class _Budget:
         now = _clock()
         self.train_s, self.last = self.train_s + now - self.last, now
 
-    def due(self, step: int) -> bool:
-        return self.deadline is not None and step % REPLAN_EVERY == 0
+    def due(self, step: int) -> bool:  # the same on every process: it depends on the step and the config only
+        return self.deadline is not None and step % REPLAN_EVERY == 0 and step - self.first_step >= REPLAN_EVERY
 
     def plan(self, step: int, cap: int) -> int:
         rate = (step - self.first_step) / max(self.train_s, 1e-9)  # steps/s
-        validations = -(-(cap - step) // self.steps_per_epoch) + 1  # epoch ends still to come, and the last
         val_s = self.val_s if self.val_s is not None else self.val_batches / rate
-        left = self.deadline - _clock() - SAVE_RESERVE_S - validations * val_s
-        return plan_steps(step, cap, rate, left)
+        left = self.deadline - _clock() - SAVE_RESERVE_S
+        return plan_steps(step, cap, rate, left, self.steps_per_epoch, val_s)
 
     @contextlib.contextmanager
     def validating(self):
         t = _clock()
         yield
-        self.val_s, self.last = _clock() - t, _clock()  # validation time is not training time
+        now = _clock()
+        self.val_s, self.last = now - t, now  # validation time is not training time
 
 
 @torch.no_grad()
@@ -248,7 +266,7 @@ def main(cfg: TrainConfig) -> dict:
     # A seedable sampler reshuffles from seed + epoch, so a resumed run sees the same order as an unbroken one.
     # Several processes without a GPU (torchrun --nproc_per_node N): accelerate joins them over gloo only when told
     # cpu=True; otherwise each would train alone on all the data.
-    several_on_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    several_on_cpu = not torch.accelerator.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     # find_unused_parameters: parameters the loss does not reach (ViT's pooler, the stages' frozen ones) would
     # otherwise stop DDP at the second step.
     accelerator = Accelerator(cpu=several_on_cpu, mixed_precision=cfg.mixed_precision,
@@ -275,7 +293,8 @@ def main(cfg: TrainConfig) -> dict:
     cap = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         cap = min(cap, cfg.max_steps)
-    progress = {"step": 0, "horizon": cap}  # horizon: the step the schedule anneals to and the run ends at
+    # horizon: the step the schedule anneals to and the run ends at (cap, or less when --minutes plans so)
+    progress = {"step": 0, "horizon": cap, "cap": cap}
     schedule = LambdaLR(optimizer, lambda step: lr_factor(step, cfg.warmup_steps, progress["horizon"]))
     accelerator.register_for_checkpointing(schedule)
     ema = _Ema(accelerator.unwrap_model(model), cfg.ema) if cfg.ema else None
@@ -289,6 +308,8 @@ def main(cfg: TrainConfig) -> dict:
     if cfg.resume:
         accelerator.load_state(str(out / "checkpoint"))
         accelerator.print(f"resumed at step {progress['step']}")
+        if progress.get("cap") != cap:  # other --epochs, --max-steps or processes: the schedule aims at the new cap
+            progress.update(horizon=cap, cap=cap)
 
     history, start = [], time.time()
     if cfg.resume and (out / "training_card.json").exists():  # one card for the whole run, across sessions
@@ -297,7 +318,8 @@ def main(cfg: TrainConfig) -> dict:
     bar = tqdm(total=progress["horizon"], initial=progress["step"], disable=not accelerator.is_main_process,
                desc="train", dynamic_ncols=True)
     model.train()
-    while progress["step"] < min(progress["horizon"], cfg.stop_after or cap):
+    last_lr = schedule.get_last_lr()[0]
+    while progress["step"] < min(progress["horizon"], cap, cfg.stop_after or cap):
         epoch, skip = divmod(progress["step"], steps_per_epoch)
         train_loader.set_epoch(epoch)  # a new, reproducible order each epoch
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
@@ -313,28 +335,29 @@ def main(cfg: TrainConfig) -> dict:
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            schedule.step()
             optimizer.zero_grad(set_to_none=True)
             progress["step"] += 1
             if ema:
                 ema.update(accelerator.unwrap_model(model), progress["step"])
             running.append(loss.item())
             budget.stepped()
-            if budget.due(progress["step"]):
+            if budget.due(progress["step"]):  # before schedule.step(), which sets the next step's rate from it
                 progress["horizon"] = broadcast_object_list([budget.plan(progress["step"], cap)])[0]
                 bar.total = progress["horizon"]
+            last_lr = schedule.get_last_lr()[0]  # the rate this step used
+            schedule.step()
             bar.update(1)
             bar.set_postfix(loss=f"{sum(running[-50:]) / len(running[-50:]):.3f}", stage=stage)
             if progress["step"] % cfg.checkpoint_every == 0:
                 accelerator.save_state(str(out / "checkpoint"))
-            if progress["step"] >= min(progress["horizon"], cfg.stop_after or cap):
+            if progress["step"] >= min(progress["horizon"], cap, cfg.stop_after or cap):
                 break
         eval_model = ema.model if ema else model
         with budget.validating():
             val_loss = _validate(eval_model, val_loader, accelerator)
         record = {"epoch": epoch + 1, "step": progress["step"], "train_loss": sum(running) / max(len(running), 1),
                   "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)),
-                  "minutes": (time.time() - start) / 60, "lr": schedule.get_last_lr()[0]}
+                  "minutes": (time.time() - start) / 60, "lr": last_lr}
         record["train_perplexity"] = math.exp(min(record["train_loss"], 50))
         history.append(record)
         accelerator.print(json.dumps(record))

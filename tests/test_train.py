@@ -217,12 +217,18 @@ def test_the_schedule_is_transformers_warmup_cosine_when_the_horizon_stays():
         assert train.lr_factor(step, 30, 200) == pytest.approx(reference(step)), step
     assert train.lr_factor(250, 30, 200) == 0.0, "past the horizon it stays at 0 (transformers rises again)"
     assert train.lr_factor(120, 30, 120) == 0.0 and train.lr_factor(60, 30, 120) > train.lr_factor(60, 30, 90)
+    assert train.lr_factor(10, 30, 20) == 1.0 and train.lr_factor(20, 30, 20) == 0.0, \
+        "a horizon inside the warm-up halves the warm-up, so the run still ends annealed"
 
 
 def test_plan_steps_fits_the_time_left_and_never_passes_the_cap():
     assert train.plan_steps(100, 5600, 2.0, 600.0) == 1300
     assert train.plan_steps(100, 1000, 2.0, 600.0) == 1000, "a fast machine trains the full recipe"
     assert train.plan_steps(100, 1000, 2.0, -5.0) == 100, "out of time: end now"
+    # 1 step/s, 10-step epochs, 1 s a validation, from step 5: h - 5 steps and ceil(h / 10) validations in 100 s
+    assert train.plan_steps(5, 1000, 1.0, 100.0, steps_per_epoch=10, validation_s=1.0) == 95
+    assert train.validations_to_come(10, 25, 10) == 3, "step 10's own, step 20's and the last one at 25"
+    assert train.validations_to_come(12, 30, 10) == 2
 
 
 def test_a_minutes_budget_ends_in_time_with_the_learning_rate_annealed(tmp_path, monkeypatch):
@@ -231,14 +237,20 @@ def test_a_minutes_budget_ends_in_time_with_the_learning_rate_annealed(tmp_path,
     def clock():  # every reading moves a simulated clock on by 0.25 s, so each step "costs" time
         now[0] += 0.25
         return now[0]
+    validate = train._validate
+
+    def slow_validate(*args):  # and each validation 1 s more: the plan must keep time for the ones to come
+        now[0] += 1.0
+        return validate(*args)
     monkeypatch.setattr(train, "_clock", clock)
+    monkeypatch.setattr(train, "_validate", slow_validate)
     monkeypatch.setattr(train, "REPLAN_EVERY", 2)
     monkeypatch.setattr(train, "SAVE_RESERVE_S", 1.0)
     cfg = _config(tmp_path, epochs=20, minutes=0.2, checkpoint_every=1000)  # cap: 20 epochs x 4 batches = 80 steps
     train.main(cfg)
     card = json.loads((tmp_path / "model" / "training_card.json").read_text())
     assert card["step_cap"] == 80 and 8 < card["steps"] < 80, card["steps"]
-    assert card["minutes"] <= 0.2, "the run ended within its budget, on the simulated clock"
+    assert 0.9 * 0.2 < card["minutes"] <= 0.2, "the run ended within its budget and used most of it (simulated clock)"
     assert card["final"]["step"] == card["steps"] and card["final"]["lr"] < 0.05 * cfg.lr, \
         "the schedule anneals to the step the budget allowed, not to the cap"
     assert captioner.load(str(tmp_path / "model")).caption(synthetic.make_scene(1).image).words
@@ -257,4 +269,11 @@ def test_torchrun_training_splits_the_batches_and_anneals_once(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     card = json.loads((out / "training_card.json").read_text())
     assert [h["step"] for h in card["history"]] == [2, 4, 6], "4 batches an epoch, 2 per process"
-    assert card["history"][1]["lr"] > 0 and card["history"][-1]["lr"] == 0.0
+    assert card["history"][1]["lr"] > 0, "a schedule stepped once per process would be at 0 by step 3"
+    assert card["history"][-1]["lr"] == pytest.approx(1.5e-3 * train.lr_factor(5, 1, 6)), "the last step's rate"
+
+
+def test_resume_with_more_epochs_carries_on_to_the_new_end(tmp_path):
+    train.main(_config(tmp_path, epochs=2))
+    more = train.main(train.TrainConfig(**{**_config(tmp_path, epochs=3).__dict__, "resume": True}))
+    assert more["step"] == 12 and more["lr"] > 0, "the schedule aims at the new cap, not the finished run's end"
