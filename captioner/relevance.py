@@ -9,7 +9,7 @@ of self-attention relevance before a bi-modal layer).
 
 The encoder's self-relevance R_ii (R_ii += Ā R_ii from I, first layer first) weighs each encoder layer by its
 head-mean attention, without gradients, and is shared by all words. The paper weighs it by each word's gradients
-too; on the bundled model's held-out scenes (100 scenes, 215 object nouns) the per-word encoder gradients pointed
+too; on the first bundled model's held-out scenes (100 scenes, 215 object nouns) the per-word encoder gradients pointed
 at the object 99.5 % of the time (share of map mass on the object 0.490), the caption's gradients shared by all
 words 99.5 % (0.477), and the head-mean attention 100 % (0.484), while a backward pass through ViT-B costs as
 much as its forward. So the decoder keeps the paper's gradients and the encoder does not need any.
