@@ -34,7 +34,7 @@ from .vocabulary import word_tokenizer
 
 TRAIN_SEEDS_START = 10_000_000  # training scenes; evaluation and tests use seeds below this
 REPLAN_EVERY = 25  # steps between re-estimates of how many steps a --minutes budget allows
-SAVE_RESERVE_S = 20.0  # kept back from a --minutes budget for the final validation and saving
+SAVE_RESERVE_S = 20.0  # kept back from a --minutes budget for saving (validations are planned for apart)
 _clock = time.monotonic  # tests replace it to run a budget on a simulated clock
 
 
@@ -318,8 +318,10 @@ def main(cfg: TrainConfig) -> dict:
     bar = tqdm(total=progress["horizon"], initial=progress["step"], disable=not accelerator.is_main_process,
                desc="train", dynamic_ncols=True)
     model.train()
-    last_lr = schedule.get_last_lr()[0]
-    while progress["step"] < min(progress["horizon"], cap, cfg.stop_after or cap):
+
+    def end() -> int:  # horizon <= cap always: plans never pass it, and a resume to another cap resets it
+        return min(progress["horizon"], cfg.stop_after or cap)
+    while progress["step"] < end():
         epoch, skip = divmod(progress["step"], steps_per_epoch)
         train_loader.set_epoch(epoch)  # a new, reproducible order each epoch
         loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
@@ -350,7 +352,7 @@ def main(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{sum(running[-50:]) / len(running[-50:]):.3f}", stage=stage)
             if progress["step"] % cfg.checkpoint_every == 0:
                 accelerator.save_state(str(out / "checkpoint"))
-            if progress["step"] >= min(progress["horizon"], cap, cfg.stop_after or cap):
+            if progress["step"] >= end():
                 break
         eval_model = ema.model if ema else model
         with budget.validating():

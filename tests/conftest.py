@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,6 +20,22 @@ from captioner_train.vocabulary import bpe_tokenizer
 # Captions whose words the small BPE vocabulary splits into several tokens ("skateboard" -> "Ġsk" "ate" ...).
 CAPTIONS = ["a dog riding a skateboard on the street", "a cat sitting under a wooden table",
             "two giraffes standing near a tall tree", "a man surfing a huge wave"]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def torchrun(processes: int, args: list[str], cwd, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node N -m ...args` on CPUs, one thread a process, the project importable;
+    `env` adds variables (a PYTHONPATH given there goes before the project's). Asserts that it succeeded."""
+    env = dict(env or {})
+    path = os.pathsep.join(filter(None, [env.pop("PYTHONPATH", ""), str(ROOT)]))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                          str(processes), "-m", *args], env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path,
+                                                             **env},
+                         cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
 
 
 def atol(cap, fp32: float = 1e-5) -> float:

@@ -16,9 +16,8 @@ import captioner.collection as collection
 import captioner.images as images
 from captioner.__main__ import main as cli
 from captioner.collection import parts_dir, read_maps
-from conftest import atol, image_for
+from conftest import ROOT, atol, image_for, torchrun
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def image_folder(tmp_path, n: int = 4):
@@ -144,14 +143,11 @@ def test_torchrun_two_processes_split_the_work_and_equal_one_process(tiny_dir, t
     spy.mkdir()
     (spy / "sitecustomize.py").write_text(SPY)  # every process logs each image it reads
     log = tmp_path / "reads.log"
-    env = {**os.environ, "PYTHONPATH": f"{spy}{os.pathsep}{ROOT}", "READ_LOG": str(log), "OMP_NUM_THREADS": "1"}
+    env = {"PYTHONPATH": str(spy), "READ_LOG": str(log)}
     common = [str(folder), str(broken), "--model", tiny_dir, "--batch-size", "2", "--max-new-tokens", "40",
               "--device", "cpu", "--no-progress"]
     two, one = tmp_path / "two.jsonl", tmp_path / "one.jsonl"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "captioner", "caption", *common, "--out", str(two)], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = torchrun(2, ["captioner", "caption", *common, "--out", str(two)], tmp_path, env)
     assert "on 2 processes" in run.stdout
     reads = [line.split("\t") for line in log.read_text().splitlines()]
     assert len({pid for pid, _ in reads}) == 2, "both processes captioned"
@@ -159,7 +155,8 @@ def test_torchrun_two_processes_split_the_work_and_equal_one_process(tiny_dir, t
     assert sorted(opened) == sorted(set(opened)), "each image opened by exactly one process"
     assert len(opened) == 8
 
-    run = subprocess.run([sys.executable, "-m", "captioner", "caption", *common, "--out", str(one)], env=env,
+    run = subprocess.run([sys.executable, "-m", "captioner", "caption", *common, "--out", str(one)],
+                         env={**os.environ, **env, "PYTHONPATH": f"{spy}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"},
                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     a, b = lines_of(one), lines_of(two)

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +13,7 @@ from captioner_train.evaluate import (EVAL_SEEDS_START, caption_parts, caption_s
 from captioner_train.pointing import (cell_coverage, energy_share, overlay_energy_share, uniform_energy_share,
                                       uniform_overlay_share)
 from captioner_train.synthetic import IMAGE_SIZE, make_scene, write_dataset
+from conftest import torchrun
 
 SQUARE = (IMAGE_SIZE, IMAGE_SIZE)  # (H, W)
 
@@ -233,14 +230,10 @@ def test_torchrun_evaluation_equals_one_process(random_tiny, tmp_path):
     random_tiny.processor.save_pretrained(model_dir)
     args = [str(model_dir), "--scenes", "5", "--seed-start", str(short_scenes_start(random_tiny, 5)), "--beams",
             "1", "--methods", "attention", "--method-scenes", "3", "--device", "cpu", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     out = {}
     for n in (1, 2):
         out[n] = tmp_path / f"{n}.json"
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                              str(n), "-m", "captioner.evaluate", *args, "--json-out", str(out[n])], env=env,
-                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
-        assert run.returncode == 0, run.stderr[-3000:]
+        torchrun(n, ["captioner.evaluate", *args, "--json-out", str(out[n])], tmp_path)
     one, two = json.loads(out[1].read_text()), json.loads(out[2].read_text())
     assert (one[0]["processes"], two[0]["processes"]) == (1, 2)
     for a, b in zip(one, two):

@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +14,7 @@ from captioner_train.architecture import PRESETS, ModelConfig, build_model, imag
 from captioner_train.data import CocoCaptions, Collator, FlickrCaptions, SyntheticScenes
 from captioner_train.pointing import cell_coverage, energy_share
 from captioner_train.vocabulary import bpe_tokenizer, word_tokenizer
+from conftest import torchrun
 
 
 def _config(tmp_path, **kw) -> train.TrainConfig:
@@ -262,11 +259,7 @@ def test_torchrun_training_splits_the_batches_and_anneals_once(tmp_path):
     out = tmp_path / "model"
     args = ["--out", str(out), "--preset", "tiny", "--train-size", "64", "--val-size", "16", "--batch-size", "16",
             "--epochs", "3", "--warmup-steps", "1", "--ema", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "captioner_train.train", *args], env=env, capture_output=True, text=True,
-                         timeout=300, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
+    torchrun(2, ["captioner_train.train", *args], tmp_path)
     card = json.loads((out / "training_card.json").read_text())
     assert [h["step"] for h in card["history"]] == [2, 4, 6], "4 batches an epoch, 2 per process"
     assert card["history"][1]["lr"] > 0, "a schedule stepped once per process would be at 0 by step 3"
