@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from gradio_inputs import image_input, on_gpu, page_errors, setting, whole_number  # first: it imports `spaces`
+from gradio_inputs import (image_input, on_gpu, page_errors, setting, whole_number,  # first: it imports `spaces`
+                          write_output_images_atomically)
 
 import gradio as gr
 
@@ -54,6 +55,7 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
     """The page for `models` (default: `captioner.listed_models()`), the first one preselected."""
     models = models or captioner.listed_models()
     loaded = Models(models)
+    write_output_images_atomically()  # visitors who get the same picture at once each get a whole file
 
     @page_errors
     @on_gpu

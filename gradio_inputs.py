@@ -6,6 +6,9 @@ beside any module that defines a component class.)
 from __future__ import annotations
 
 import functools
+import os
+import threading
+from pathlib import Path
 
 try:  # ZeroGPU Spaces: `spaces` must be imported before anything starts CUDA, so this module comes first in app.py
     import spaces
@@ -13,6 +16,7 @@ except ImportError:
     spaces = None
 
 import gradio as gr
+from gradio import processing_utils
 
 from captioner.decoding import LIMITS
 from captioner.images import read_image
@@ -86,3 +90,30 @@ def on_gpu(fn):
     """On a ZeroGPU Space (the `spaces` package importable), run `fn` under `spaces.GPU`, which lends it a GPU for
     the call; elsewhere `fn` unchanged."""
     return fn if spaces is None else spaces.GPU(fn)
+
+
+def write_output_images_atomically() -> None:
+    """Make Gradio's output-image cache safe for visitors who get the same picture at the same time.
+
+    Gradio 6 stores each output image under a hash of its bytes and rewrites that file in place on every save. When
+    two visitors get identical images at once (the same example, say), one visitor's download can be read while the
+    other's save has just truncated the file: a broken image ("Too little data for declared Content-Length").
+    Here an image whose file exists is not written again (its name is its content), and a new one is written to a
+    temporary file and renamed into place, so a reader always sees a whole file. Idempotent.
+    """
+    if getattr(processing_utils.save_pil_to_cache, "atomic", False):
+        return
+
+    def save_pil_to_cache(img, cache_dir: str, name: str = "image", format: str = "webp") -> str:
+        data = processing_utils.encode_pil_to_bytes(img, format)
+        folder = Path(cache_dir) / processing_utils.hash_bytes(data)
+        folder.mkdir(exist_ok=True, parents=True)
+        path = (folder / f"{name}.{format}").resolve()
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return str(path)
+
+    save_pil_to_cache.atomic = True
+    processing_utils.save_pil_to_cache = save_pil_to_cache

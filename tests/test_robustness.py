@@ -442,6 +442,23 @@ def test_each_visitor_gets_their_own_results_and_state_is_freed_after_its_ttl(sp
     assert sessions[2].state_data[state_id]["result"].text == want[2], "another visitor's state is untouched"
 
 
+def test_an_output_image_already_cached_is_never_rewritten_while_visitors_may_be_reading_it(space, tmp_path):
+    """Gradio rewrote each cached output in place, so a visitor downloading a picture while another visitor got the
+    same one could read a truncated file (seen in the test above as "Too little data for declared Content-Length").
+    With the page built, a second save of the same picture leaves the first file as it was, and a new one appears
+    whole under its final name (written beside it and renamed)."""
+    from gradio import processing_utils
+    assert processing_utils.save_pil_to_cache.atomic, "build_demo() installed the atomic save"
+    picture = Image.fromarray(image_for(1))
+    first = Path(processing_utils.save_pil_to_cache(picture, str(tmp_path), format="png"))
+    before = first.stat()
+    assert first.read_bytes() == processing_utils.encode_pil_to_bytes(picture, "png")
+    again = Path(processing_utils.save_pil_to_cache(picture, str(tmp_path), format="png"))
+    after = again.stat()
+    assert again == first and (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert [f.name for f in first.parent.iterdir()] == [first.name], "no temporary file left behind"
+
+
 # --------------------------------------------------------------------------------------------- property-based
 
 @st.composite
