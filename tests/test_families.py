@@ -18,7 +18,8 @@ import captioner
 from captioner import fastdecode
 from captioner_train.architecture import joined
 from captioner_train.vocabulary import word_tokenizer
-from conftest import atol, free_port, image_for
+from conftest import atol, image_for
+from servers import launch
 
 WORDS = "a dog cat on the street table red blue sitting riding under".split()
 SMALL = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -170,8 +171,7 @@ def test_every_family_through_the_three_endpoints(families, tmp_path):
 
     folders = [folder for folder, _ in families.values()]
     demo = app.build_demo(folders)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                            show_error=True, share=False, ssr_mode=False)
+    url = launch(demo, show_error=True)
     try:
         client = Client(url, analytics_enabled=False, verbose=False)
         path = tmp_path / "image.png"
