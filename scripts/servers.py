@@ -83,12 +83,13 @@ def start_app(env: dict | None = None, startup_s: float = 300, log: Path | None 
     log = Path(log or tempfile.NamedTemporaryFile(prefix="app-", suffix=".log", delete=False).name)
     env = {**os.environ, "GRADIO_SERVER_NAME": HOST, "GRADIO_SERVER_PORT": str(free_port()),
            "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    env = {k: v for k, v in env.items() if v is not None}
     with open(log, "w") as out:  # the child keeps its own handle
-        process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env={k: v for k, v in env.items() if v is not None},
-                                   stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + startup_s
     while time.monotonic() < deadline:
-        started = re.search(re.escape(STARTED) + r"\s*(http://\S+)", log.read_text(errors="replace"))
+        # "Running on local URL:  http://127.0.0.1:7861" (with SSR, ", with SSR ..." follows the URL)
+        started = re.search(re.escape(STARTED) + r"\s*(https?://[^\s,]+)", log.read_text(errors="replace"))
         if started:
             return App(process, started[1].rstrip("/") + "/", log)
         if process.poll() is not None:
@@ -100,10 +101,11 @@ def start_app(env: dict | None = None, startup_s: float = 300, log: Path | None 
 
 
 @contextmanager
-def app_running(env: dict | None = None, startup_s: float = 300):
-    """`start_app` as a context manager that stops the server on leaving. An exception raised inside (a failed
-    assertion) gets the server's output as a note, so the test report shows what the server said."""
-    app = start_app(env, startup_s)
+def app_running(env: dict | None = None, startup_s: float = 300, log: Path | None = None):
+    """`start_app` as a context manager that stops the server on leaving (and deletes its log when all went well).
+    An exception raised inside (a failed assertion) gets the server's output as a note, so the test report shows
+    what the server said."""
+    app = start_app(env, startup_s, log)
     try:
         yield app
     except Exception as e:

@@ -40,14 +40,16 @@ def test_launch_takes_another_port_when_its_port_is_taken(monkeypatch, taken_por
         demo.close()
 
 
-def test_app_py_serves_on_the_port_gradio_took_and_a_failure_shows_its_output(monkeypatch, taken_port, tiny_dir):
+def test_app_py_serves_on_the_port_gradio_took_and_a_failure_shows_its_output(monkeypatch, taken_port, tiny_dir,
+                                                                             tmp_path):
     """app.py is given a taken port: Gradio moves on to the next free one, and the URL is that one's. An
     assertion that fails while it runs carries the server's output."""
     from gradio_client import Client
 
     given = _ports_starting_with(monkeypatch, taken_port)
     with pytest.raises(AssertionError, match="a failing test") as failed:
-        with servers.app_running({"CAPTIONER_MODEL": tiny_dir, "CAPTIONER_EXTRA_MODELS": None}) as app:
+        with servers.app_running({"CAPTIONER_MODEL": tiny_dir, "CAPTIONER_EXTRA_MODELS": None},
+                                 log=tmp_path / "app.log") as app:
             endpoints = Client(app.url, analytics_enabled=False, verbose=False).view_api(
                 print_info=False, return_format="dict")["named_endpoints"]
             raise AssertionError("a failing test")
@@ -60,5 +62,6 @@ def test_app_py_serves_on_the_port_gradio_took_and_a_failure_shows_its_output(mo
 
 def test_app_py_that_cannot_start_raises_with_its_output(tmp_path):
     with pytest.raises(RuntimeError, match="exited with status") as failed:
-        servers.start_app({"CAPTIONER_MODEL": str(tmp_path / "no-model-here"), "CAPTIONER_EXTRA_MODELS": None})
+        servers.start_app({"CAPTIONER_MODEL": str(tmp_path / "no-model-here"), "CAPTIONER_EXTRA_MODELS": None},
+                          log=tmp_path / "app.log")
     assert "no-model-here" in str(failed.value) and "Traceback" in str(failed.value)
