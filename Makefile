@@ -15,10 +15,16 @@ $(STAMP): requirements.txt requirements-dev.txt
 run: $(STAMP)
 	$(PY) app.py
 
-# Debian's Chromium for the browser tests (playwright's own browser downloads are never used); root only
+# Debian's Chromium for the browser tests (playwright's own browser downloads are never used), installed when run as
+# root. Without it `make test` stops here: the browser tests are never skipped.
 chromium:
 	@if [ ! -x $(CHROMIUM) ] && [ "$$(id -u)" = 0 ]; then \
 		apt-get update && apt-get install -y --no-install-recommends chromium; \
+	fi
+	@if [ ! -x $(CHROMIUM) ]; then \
+		echo "$(CHROMIUM) is missing and the browser tests need it: run 'make chromium' as root," \
+			"or 'apt-get install -y --no-install-recommends chromium'" >&2; \
+		exit 1; \
 	fi
 
 test: $(STAMP) chromium

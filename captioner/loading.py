@@ -102,6 +102,7 @@ def load(name_or_path: str | None = None, device: str | None = None, int8: bool 
         raise RuntimeError(f"Cannot load {name!r} as an image captioner ({e}). It must be a "
                            "VisionEncoderDecoderModel folder or hub id with its tokenizer and image "
                            "processor.") from None
+    _size_decoder_cache(model.config.decoder)
     model = model.to(device)
     if int8:
         from .quantize import int8 as quantize_int8
@@ -112,6 +113,17 @@ def load(name_or_path: str | None = None, device: str | None = None, int8: bool 
         size = getattr(processor, "size", None) or {}
         cap.scenes_only, cap.photo_model = (size.get("height"), size.get("width")), HUB_MODEL
     return cap
+
+
+def _size_decoder_cache(decoder_config) -> None:
+    """Give a BART-family decoder config (MBart: Donut, Nougat) at least as many `encoder_layers` as
+    `decoder_layers`. transformers sizes the decoder's key/value cache by `num_hidden_layers`, which these configs
+    map to `encoder_layers`, so with fewer encoder than decoder layers `generate` fails with "IndexError: list
+    index out of range" in the cache. In a VisionEncoderDecoderModel the decoder config's `encoder_layers`
+    builds nothing (the image encoder is a separate model), so raising it changes no weight and no output."""
+    encoder_layers, decoder_layers = (getattr(decoder_config, k, None) for k in ("encoder_layers", "decoder_layers"))
+    if encoder_layers is not None and decoder_layers is not None and encoder_layers < decoder_layers:
+        decoder_config.encoder_layers = decoder_layers
 
 
 def _scenes_only(folder: str) -> bool:

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,16 +23,12 @@ from pathlib import Path
 
 import psutil
 
+from servers import start_app  # scripts/servers.py: a free port without a race
+
 ROOT = Path(__file__).resolve().parent.parent
 SCENES = sorted(str(p) for p in (ROOT / "assets" / "examples").glob("scene_*.png"))
 PHOTOS = sorted(str(p) for p in (ROOT / "assets" / "examples").glob("*.jpg"))
 RESULT = 4  # /caption and /explain return (words, word overlay, CLS overlay, strip, result JSON, info)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -57,38 +50,6 @@ class Sampler(threading.Thread):
                 self.peak = max(self.peak, rss_mb(self.pid))
             except psutil.Error:
                 return
-
-
-def start_server(port: int, startup_s: float, log=subprocess.DEVNULL, model: str | None = None) -> subprocess.Popen:
-    """`python app.py` serving `model` (default: the bundled one) on 127.0.0.1:port, its output going to `log` (a
-    file: a pipe nobody reads would fill and stall the server)."""
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    env.pop("CAPTIONER_MODEL", None)  # the default: the bundled model
-    env.pop("CAPTIONER_EXTRA_MODELS", None)
-    if model:
-        env["CAPTIONER_MODEL"] = model
-    server = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + startup_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"app.py exited with status {server.returncode}; its log: {getattr(log, 'name', '-')}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return server
-        except OSError:
-            time.sleep(0.5)
-    server.kill()
-    raise RuntimeError(f"app.py did not serve within {startup_s:.0f} s")
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    server.terminate()
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
 
 
 def visitor(url: str, index: int, n_images: int, timeout: float, deadline: float,
@@ -136,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     pool = PHOTOS if args.model else SCENES
 
-    port = free_port()
-    log = tempfile.NamedTemporaryFile("w+", prefix="loadtest-server-", suffix=".log", delete=False)
-    server = start_server(port, args.startup, log, args.model)
+    # no CAPTIONER_MODEL: the bundled model; no CAPTIONER_EXTRA_MODELS: no other model on the page
+    app = start_app({"CAPTIONER_MODEL": args.model, "CAPTIONER_EXTRA_MODELS": None}, args.startup)
+    server = app.process
     try:
-        url = f"http://127.0.0.1:{port}/"
+        url = app.url
         visitor(url, 0, 1, args.timeout, time.monotonic() + args.timeout, pool, args.text)  # warm-up: lazy costs
         idle = [rss_mb(server.pid)]  # after the warm-up, then after each round
         sampler = Sampler(server.pid)
@@ -158,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler.done.set()
         sampler.join()
     finally:
-        stop_server(server)
+        app.stop()
 
     ok = [s for _, s, err in calls if not err]
     errors = [(api, err) for api, _, err in calls if err]
@@ -181,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     for api, err in errors[:10]:
         print(f"error {api}: {err[:300]}")
     if errors:
-        print(f"server log: {log.name}")
+        print(f"server log: {app.log}")
     else:
-        os.remove(log.name)
+        app.log.unlink()
     return 1 if errors or not ok else 0
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import captioner
+import servers  # scripts/servers.py
 from captioner_train.architecture import PRESETS, build_model, image_processor
 from captioner_train.vocabulary import bpe_tokenizer
 
@@ -102,22 +103,13 @@ def bundled():
     return captioner.load(captioner.BUNDLED_MODEL)
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def app_url(tiny_dir):
     """The real app (`app.build_demo`) serving the tiny model on 127.0.0.1; its base URL, without a trailing /."""
     import app  # imports gradio (~5 s): only for the tests that need the app
 
     demo = app.build_demo([tiny_dir])
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                            show_error=True, share=False, ssr_mode=False)
-    yield url.rstrip("/")
+    yield servers.launch(demo, show_error=True)
     demo.close()
 
 

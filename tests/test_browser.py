@@ -1,12 +1,14 @@
 """The real page in headless Chromium: caption, click words, explain a typed caption, survive a bad upload.
 
-Needs Debian's /usr/bin/chromium (`make test` installs it when run as root); playwright's own browser
-downloads are never used.
+Needs Debian's /usr/bin/chromium (`make test` installs it when run as root) and playwright (requirements-dev.txt);
+playwright's own browser downloads are never used. Without them these tests fail, saying what to install: they are
+never skipped, so a suite that cannot open the page cannot pass.
 """
 from __future__ import annotations
 
 import os
 import re
+import sys
 
 import pytest
 from PIL import Image
@@ -20,13 +22,21 @@ SELECTED = "253, 224, 71"  # app.COLOURS["selected"] (#fde047) as the rgba() the
 WAIT_MS = 60_000  # the model shares two CPU cores with everything else here
 
 
+def _check_browser() -> None:
+    """Fail, saying how to install it, when Chromium or playwright is missing."""
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: run `make chromium` as root, or `apt-get install -y "
+                    "--no-install-recommends chromium`", pytrace=False)
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError as e:
+        pytest.fail(f"playwright is missing ({e}): `.venv/bin/python -m pip install -r requirements-dev.txt` "
+                    "(never `playwright install`: the tests use Debian's Chromium)", pytrace=False)
+
+
 @pytest.fixture(scope="module")
 def browser():
-    if not os.path.exists(CHROMIUM):
-        reason = f"{CHROMIUM} is missing: apt-get install -y --no-install-recommends chromium (`make test` does)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    _check_browser()
     from playwright.sync_api import expect, sync_playwright
 
     expect.set_options(timeout=WAIT_MS)
@@ -81,6 +91,19 @@ def _caption(page, expected: list[str]) -> None:
     page.click("#caption-btn")
     expect(page.locator("#words [role=button]")).to_have_count(len(expected))
     assert _words(page) == expected
+
+
+def test_a_missing_chromium_or_playwright_fails_with_how_to_install_it(monkeypatch):
+    """A failure, not a skip (pytest.skip raises an exception of its own, caught here too)."""
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", "/nonexistent/chromium")
+    with pytest.raises(BaseException) as missing:
+        _check_browser()
+    assert missing.type is pytest.fail.Exception and "make chromium" in str(missing.value)
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "playwright.sync_api", None)  # None in sys.modules: the import fails
+    with pytest.raises(BaseException) as missing:
+        _check_browser()
+    assert missing.type is pytest.fail.Exception and "requirements-dev.txt" in str(missing.value)
 
 
 def test_caption_click_a_word_then_explain_a_typed_caption(page, scene, tiny, app_settings, tmp_path):

@@ -18,7 +18,8 @@ import captioner
 from captioner import fastdecode
 from captioner_train.architecture import joined
 from captioner_train.vocabulary import word_tokenizer
-from conftest import atol, free_port, image_for
+from conftest import atol, image_for
+from servers import launch
 
 WORDS = "a dog cat on the street table red blue sitting riding under".split()
 SMALL = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
@@ -51,10 +52,11 @@ def _decoder(kind: str, vocab: int, tok):
     if kind == "trocr":
         return TrOCRConfig(d_model=32, decoder_layers=2, decoder_attention_heads=2, decoder_ffn_dim=64,
                            vocab_size=vocab, max_position_embeddings=64, **ids)
-    if kind == "mbart":
-        return MBartConfig(d_model=32, decoder_layers=2, encoder_layers=2, decoder_attention_heads=2,
-                           encoder_attention_heads=2, decoder_ffn_dim=64, encoder_ffn_dim=64, vocab_size=vocab,
-                           max_position_embeddings=64, **ids)
+    if kind in ("mbart", "mbart-deep"):  # deep: more decoder layers than the config's (unbuilt) encoder has
+        layers = dict(decoder_layers=3, encoder_layers=1) if kind == "mbart-deep" else dict(decoder_layers=2,
+                                                                                            encoder_layers=2)
+        return MBartConfig(d_model=32, **layers, decoder_attention_heads=2, encoder_attention_heads=2,
+                           decoder_ffn_dim=64, encoder_ffn_dim=64, vocab_size=vocab, max_position_embeddings=64, **ids)
     raise ValueError(kind)
 
 
@@ -62,11 +64,12 @@ FAMILIES = {  # name: (encoder, decoder)
     "vit384-gpt2": ("vit384", "gpt2"), "vit-bert": ("vit", "bert"), "vit-roberta": ("vit", "roberta"),
     "beit-trocr": ("beit", "trocr"), "deit-trocr": ("deit", "trocr"), "swin-mbart": ("swin", "mbart"),
 }
+DEEP_MBART = {"vit-mbart-deep": ("vit", "mbart-deep")}  # built on its own: see its test
 
 
 def build_family(name: str, folder) -> dict:
     """Save a tiny random captioner of family `name` to `folder`; returns what its layout must be."""
-    enc_kind, dec_kind = FAMILIES[name]
+    enc_kind, dec_kind = (FAMILIES | DEEP_MBART)[name]
     tok = word_tokenizer(WORDS)
     enc, side, grid, prefix, has_cls = _encoder(enc_kind)
     model = joined(enc, _decoder(dec_kind, len(tok), tok), tok, seed=0, max_new_tokens=8)
@@ -127,6 +130,30 @@ def test_every_family_captions_explains_and_remaps(families, name):
         assert cap.caption(image, max_new_tokens=8, num_beams=4).token_ids == ids
 
 
+def test_an_mbart_decoder_deeper_than_its_config_encoder_captions_as_generate_without_cache(tmp_path):
+    """transformers sizes an MBart decoder's cache by the config's `encoder_layers`; with fewer of those than
+    decoder layers, plain `generate` fails in the cache. `load` raises `encoder_layers` (it builds nothing here):
+    the same weights, and the tokens of `generate` run without a cache on the model as transformers loads it."""
+    build_family("vit-mbart-deep", tmp_path)
+    reference = VisionEncoderDecoderModel.from_pretrained(tmp_path).eval()
+    assert (reference.config.decoder.encoder_layers, reference.config.decoder.decoder_layers) == (1, 3)
+    cap = captioner.load(str(tmp_path), device="cpu")
+    want = reference.state_dict()
+    assert cap.model.state_dict().keys() == want.keys()
+    assert all(torch.equal(v, want[k]) for k, v in cap.model.state_dict().items())
+    image = image_for(1)
+    for num_beams in (1, 4):
+        with torch.no_grad():
+            plain = reference.generate(pixel_values=cap.pixel_values(image), num_beams=num_beams, max_new_tokens=8,
+                                       use_cache=False)
+        ids = plain[0, 1:].tolist()
+        ids = ids[: ids.index(cap.eos_token_id)] if cap.eos_token_id in ids else ids
+        res = cap.caption(image, max_new_tokens=8, num_beams=num_beams)
+        assert res.token_ids == ids, num_beams
+        _check_maps(res, (6, 6))
+    _check_maps(cap.explain(image, "a dog riding under the red table"), (6, 6))
+
+
 def test_deit_maps_skip_the_distillation_token(families):
     """Token 1 of DeiT is the distillation token: a word's map is the attention on tokens 2.., on the grid."""
     cap = captioner.load(families["deit-trocr"][0])
@@ -144,8 +171,7 @@ def test_every_family_through_the_three_endpoints(families, tmp_path):
 
     folders = [folder for folder, _ in families.values()]
     demo = app.build_demo(folders)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                            show_error=True, share=False, ssr_mode=False)
+    url = launch(demo, show_error=True)
     try:
         client = Client(url, analytics_enabled=False, verbose=False)
         path = tmp_path / "image.png"
