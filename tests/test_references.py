@@ -51,14 +51,14 @@ def _forced(cap, image, ids: list[int]):
 def _words_on_grid(rows: torch.Tensor, groups: list[list[int]], want: dict) -> np.ndarray:
     """(T, N) rows, row k for caption token k -> (W, gh, gw) raw word maps: the prefix tokens (CLS, DeiT's
     distillation token) dropped, the patches on the grid, a word the mean of its tokens' maps."""
-    patches = rows[:, want["prefix"]:].reshape(-1, *want["grid"]).cpu().numpy()  # (T, gh, gw)
+    patches = rows[:, want["prefix"]:].reshape(-1, *want["grid"]).numpy()  # (T, gh, gw)
     return np.stack([patches[g].mean(0) for g in groups])
 
 
 def _cross_rows(out, layers, head) -> torch.Tensor:
     """(T, N): caption token k sits at input position k + 1, so the query that predicted it is row k; the last
     row predicts what would follow the caption and explains nothing."""
-    cross = torch.stack([a[0] for a in out.cross_attentions]).double()  # (L, H, T+1, N)
+    cross = torch.stack([a[0] for a in out.cross_attentions]).double().cpu()  # (L, H, T+1, N)
     return _pick(cross, layers, head)[:-1]
 
 
@@ -69,9 +69,9 @@ def reference_attention(cap, image, ids, groups, want, layers=None, head=None) -
     words = _words_on_grid(_cross_rows(out, layers, head), groups, want)
     if not want["has_cls"]:
         return words, np.zeros(want["grid"])
-    enc = torch.stack([a[0] for a in out.encoder_attentions]).double()  # (L_enc, H, N, N)
+    enc = torch.stack([a[0] for a in out.encoder_attentions]).double().cpu()  # (L_enc, H, N, N)
     cls = _pick(enc, [-1] if layers is None else layers, head)[0, want["prefix"]:]
-    return words, cls.reshape(want["grid"]).cpu().numpy()
+    return words, cls.reshape(want["grid"]).numpy()
 
 
 def reference_rollout(cap, image, ids, groups, want, layers=None, head=None) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +83,7 @@ def reference_rollout(cap, image, ids, groups, want, layers=None, head=None) -> 
     eye = torch.eye(n, dtype=torch.float64)
     joint = eye
     for layer in out.encoder_attentions:  # first layer first, each later one multiplied on the left
-        a = layer[0].double().mean(0) if head is None else layer[0, head].double()  # (N, N)
+        a = layer[0].double().cpu().mean(0) if head is None else layer[0, head].double().cpu()  # (N, N)
         a = 0.5 * a + 0.5 * eye
         joint = (a / a.sum(-1, keepdim=True)) @ joint
     words = _words_on_grid(_cross_rows(out, layers, head) @ joint, groups, want)
@@ -118,7 +118,7 @@ def reference_relevance(cap, image, ids, groups, want) -> tuple[np.ndarray, np.n
             target = sum(logp[k, ids[k]] for k in g)  # token k at input position k + 1, predicted by row k
             selfs, crosses = out.decoder_attentions, out.cross_attentions
             grads = torch.autograd.grad(target, (*selfs, *crosses))
-        bars = [(gr[0].double() * a[0].detach().double()).clamp(min=0).mean(0)
+        bars = [(gr[0].double() * a[0].detach().double()).clamp(min=0).mean(0).cpu()
                 for a, gr in zip((*selfs, *crosses), grads)]  # (q, k) each
         if r_ii is None:
             n = out.encoder_attentions[0].shape[-1]
@@ -129,7 +129,6 @@ def reference_relevance(cap, image, ids, groups, want) -> tuple[np.ndarray, np.n
         r_tt = torch.eye(t1, dtype=torch.float64)
         r_ti = torch.zeros(t1, r_ii.shape[0], dtype=torch.float64)
         for s, c in zip(bars[:len(selfs)], bars[len(selfs):]):
-            s, c = s.cpu(), c.cpu()
             r_tt = r_tt + s @ r_tt
             r_ti = r_ti + s @ r_ti
             r_ti = r_ti + _without_identity_normalised(r_tt).T @ c @ _without_identity_normalised(r_ii)
@@ -249,7 +248,8 @@ def test_beam_caption_ending_by_eos_has_the_reference_maps(request, name, choice
     """A beam-search caption that stops by EOS before max_new_tokens: its maps (attention and rollout read what
     the decoding loop recorded along the winning beam) equal the forced pass's."""
     cap = request.getfixturevalue(name)
-    image = image_for(0) if name == "tiny" else np.asarray(Image.open(ROOT / "assets/examples/scene_17.png").convert("RGB"))
+    scene = ROOT / "assets" / "examples" / "scene_17.png"  # the bundled model's own kind of image
+    image = image_for(0) if name == "tiny" else np.asarray(Image.open(scene).convert("RGB"))
     method, layers, head = choice
     max_new_tokens = 30
     res = cap.caption(image, max_new_tokens=max_new_tokens, num_beams=4, method=method, layers=layers, head=head)
