@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random ViT + GPT-2 captioners built from configs (no downloads, CPU only)."""
+"""Shared fixtures: tiny ViT + GPT-2 captioners, and a tiny random captioner of each published encoder-decoder
+family, built from configs (no downloads, CPU only)."""
 from __future__ import annotations
 
 import os
@@ -12,11 +13,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+from transformers import (BeitConfig, BertConfig, DeiTConfig, GPT2Config, MBartConfig, RobertaConfig, SwinConfig,
+                          TrOCRConfig, ViTConfig, ViTImageProcessor)
 
 import captioner
 import servers  # scripts/servers.py
-from captioner_train.architecture import PRESETS, build_model, image_processor
-from captioner_train.vocabulary import bpe_tokenizer
+from captioner_train.architecture import PRESETS, build_model, image_processor, joined
+from captioner_train.vocabulary import bpe_tokenizer, word_tokenizer
 
 # Captions whose words the small BPE vocabulary splits into several tokens ("skateboard" -> "Ġsk" "ate" ...).
 CAPTIONS = ["a dog riding a skateboard on the street", "a cat sitting under a wooden table",
@@ -101,6 +104,75 @@ def bundled():
     if not os.path.exists(os.path.join(captioner.BUNDLED_MODEL, "config.json")):
         pytest.fail(f"the bundled model is missing from {captioner.BUNDLED_MODEL}")
     return captioner.load(captioner.BUNDLED_MODEL)
+
+
+WORDS = "a dog cat on the street table red blue sitting riding under".split()
+SMALL = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def _encoder(kind: str):
+    """-> (config, image side, expected grid, expected prefix tokens, has CLS)."""
+    if kind == "vit384":
+        return ViTConfig(hidden_size=48, image_size=384, patch_size=32, **SMALL), 384, (12, 12), 1, True
+    if kind == "vit":
+        return ViTConfig(hidden_size=32, image_size=48, patch_size=8, **SMALL), 48, (6, 6), 1, True
+    if kind == "beit":
+        return BeitConfig(hidden_size=32, image_size=48, patch_size=8, **SMALL), 48, (6, 6), 1, True
+    if kind == "deit":
+        return DeiTConfig(hidden_size=32, image_size=48, patch_size=8, **SMALL), 48, (6, 6), 2, True
+    if kind == "swin":  # 64 px, patches of 4, two stages: 16x16 then 8x8 tokens of width 32
+        return SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                          window_size=4), 64, (8, 8), 0, False
+    raise ValueError(kind)
+
+
+def _decoder(kind: str, vocab: int, tok):
+    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if kind == "gpt2":
+        return GPT2Config(n_embd=64, n_layer=2, n_head=2, n_inner=128, vocab_size=vocab, n_positions=64, **ids)
+    if kind == "bert":
+        return BertConfig(hidden_size=32, vocab_size=vocab, max_position_embeddings=64, **SMALL, **ids)
+    if kind == "roberta":
+        return RobertaConfig(hidden_size=32, vocab_size=vocab, max_position_embeddings=70, **SMALL, **ids)
+    if kind == "trocr":
+        return TrOCRConfig(d_model=32, decoder_layers=2, decoder_attention_heads=2, decoder_ffn_dim=64,
+                           vocab_size=vocab, max_position_embeddings=64, **ids)
+    if kind in ("mbart", "mbart-deep"):  # deep: more decoder layers than the config's (unbuilt) encoder has
+        layers = dict(decoder_layers=3, encoder_layers=1) if kind == "mbart-deep" else dict(decoder_layers=2,
+                                                                                            encoder_layers=2)
+        return MBartConfig(d_model=32, **layers, decoder_attention_heads=2, encoder_attention_heads=2,
+                           decoder_ffn_dim=64, encoder_ffn_dim=64, vocab_size=vocab, max_position_embeddings=64, **ids)
+    raise ValueError(kind)
+
+
+FAMILIES = {  # name: (encoder, decoder)
+    "vit384-gpt2": ("vit384", "gpt2"), "vit-bert": ("vit", "bert"), "vit-roberta": ("vit", "roberta"),
+    "beit-trocr": ("beit", "trocr"), "deit-trocr": ("deit", "trocr"), "swin-mbart": ("swin", "mbart"),
+}
+DEEP_MBART = {"vit-mbart-deep": ("vit", "mbart-deep")}  # built on its own: see its test in test_families
+
+
+def build_family(name: str, folder) -> dict:
+    """Save a tiny random captioner of family `name` to `folder`; returns what its layout must be."""
+    enc_kind, dec_kind = (FAMILIES | DEEP_MBART)[name]
+    tok = word_tokenizer(WORDS)
+    enc, side, grid, prefix, has_cls = _encoder(enc_kind)
+    model = joined(enc, _decoder(dec_kind, len(tok), tok), tok, seed=0, max_new_tokens=8)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    ViTImageProcessor(size={"height": side, "width": side}, image_mean=[0.5] * 3, image_std=[0.5] * 3) \
+        .save_pretrained(folder)
+    return {"grid": grid, "prefix": prefix, "has_cls": has_cls, "windowed": enc_kind == "swin"}
+
+
+@pytest.fixture(scope="session")
+def families(tmp_path_factory):
+    """Every family in FAMILIES saved to its own folder: name -> (folder, what its layout must be)."""
+    out = {}
+    for name in FAMILIES:
+        folder = tmp_path_factory.mktemp(name)
+        out[name] = (str(folder), build_family(name, folder))
+    return out
 
 
 @pytest.fixture(scope="session")
