@@ -36,7 +36,7 @@ from captioner import fastdecode
 from captioner.render import titled_overlay
 
 from .architecture import ModelConfig, image_processor, joined
-from .report import command_line, cpu_name, write_markdown
+from .report import command_line, cpu_name, launcher, write_markdown
 from .synthetic import make_scene
 from .vocabulary import random_bpe_tokenizer
 
@@ -475,7 +475,8 @@ def main(argv: list[str] | None = None) -> Bench:
     parser.add_argument("--markdown", metavar="FILE",
                         help="write the tables here as Markdown, under a line naming machine, date, commit, torch "
                              "and this command")
-    argv = sys.argv[1:] if argv is None else list(argv)
+    from_shell = argv is None  # run as a command, not called from Python
+    argv = sys.argv[1:] if from_shell else list(argv)
     args = parser.parse_args(argv)
     second = args.model or captioner.default_model()
     photos = sorted(EXAMPLES.glob("*.jpg"))
@@ -506,7 +507,8 @@ def main(argv: list[str] | None = None) -> Bench:
     bench.models.append(figures)
     print(text_report(bench))
     if args.markdown:
-        write_markdown(args.markdown, command_line("python -m captioner_train.bench", argv), markdown_tables(bench))
+        prog = launcher("captioner_train.bench") if from_shell else "python -m captioner_train.bench"
+        write_markdown(args.markdown, command_line(prog, argv), markdown_tables(bench))
     return bench
 
 

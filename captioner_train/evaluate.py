@@ -40,7 +40,7 @@ from captioner.pipeline import Captioner
 from .faithfulness import METHODS_COLUMNS, MethodScores, compare_methods, methods_table
 from .pointing import (EVAL_SEEDS_START, ObjectScore, UniformBaseline, pointing_hit, records_by_seed, score_object,
                        uniform_baseline)
-from .report import command_line, write_markdown
+from .report import command_line, launcher, write_markdown
 from .synthetic import COLOURS, IMAGE_SIZE, RELATIONS, SHAPES, SIZES, make_scene
 
 RANDOM_MAP_SEED = 0  # the random-map baseline draws the same noise on every run
@@ -426,7 +426,8 @@ def main(argv=None) -> Report | None:
                         help="write the tables here as Markdown, under a line naming machine, date, commit, torch "
                              "and this command")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    argv = sys.argv[1:] if argv is None else list(argv)
+    from_shell = argv is None  # run as a command, not called from Python
+    argv = sys.argv[1:] if from_shell else list(argv)
     args = parser.parse_args(argv)
     if bool(args.coco_json) != bool(args.image_dir):
         parser.error("--coco-json and --image-dir go together")
@@ -435,8 +436,8 @@ def main(argv=None) -> Report | None:
     try:
         report = _run(args, ranks, load(args.model, device=device))
         if report is not None and args.markdown:
-            prog = (f"torchrun --nproc_per_node {ranks.world} -m captioner_train.evaluate" if ranks.world > 1
-                    else "python -m captioner_train.evaluate")
+            prog = launcher("captioner_train.evaluate", ranks.world) if from_shell else \
+                "python -m captioner_train.evaluate"  # called from Python: the command that does the same
             write_markdown(args.markdown, command_line(prog, argv),
                            [(f"{title} {columns}", table) for title, columns, table in _tables(args, report)])
         return report

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -56,3 +58,13 @@ def test_written_file_is_the_header_then_each_sentence_and_table(tmp_path, monke
     assert header == report.header("python -m tool --flag") and text.endswith("|\n")
     assert (first, table1, second, table2) == (tables[0][0], tables[0][1], tables[1][0], tables[1][1])
     assert report.table_rows(text) == [["a", "b"], ["1", "2.50"], ["c"], ["x y"], ["–"]]
+
+
+def test_launcher_names_the_module_run_as_main(monkeypatch):
+    monkeypatch.setitem(sys.modules, "__main__", SimpleNamespace(__spec__=SimpleNamespace(name="captioner.evaluate")))
+    assert report.launcher("captioner_train.evaluate") == "python -m captioner.evaluate"
+    assert report.launcher("captioner_train.evaluate", 2) == "torchrun --nproc_per_node 2 -m captioner.evaluate"
+    monkeypatch.setitem(sys.modules, "__main__", SimpleNamespace(__spec__=SimpleNamespace(name="tool.__main__")))
+    assert report.launcher("x") == "python -m tool"
+    monkeypatch.setitem(sys.modules, "__main__", SimpleNamespace(__spec__=None))  # `python path/to/file.py`
+    assert report.launcher("captioner_train.bench") == "python -m captioner_train.bench"
