@@ -392,9 +392,12 @@ class Report:
                         "method_scenes": self.method_scenes})
         return out
 
-    def tables(self, title: str) -> list[tuple[str, str, str]]:
-        """(title, what the columns mean, Markdown table) of each table, in printing order; `title` heads the
-        metrics table."""
+    def tables(self) -> list[tuple[str, str, str]]:
+        """(title, what the columns mean, Markdown table) of each table, in printing order."""
+        first = self.results[0]
+        processes = f" on {first.processes} processes" if first.processes > 1 else ""
+        title = (f"{first.model}: {first.scenes} held-out scenes (seeds {first.seed_start}.."
+                 f"{first.seed_start + first.scenes - 1}){processes}")
         out = [(title, METRICS_COLUMNS, markdown_table(self.results))]
         for r in self.results:
             out.append((f"Errors by part, {setting(r.num_beams)} (a caption outside the grammar counts every part "
@@ -403,6 +406,14 @@ class Report:
             out.append((f"Map methods on the object nouns of {self.method_scenes} held-out scenes (true captions)",
                         METHODS_COLUMNS, methods_table(self.methods)))
         return out
+
+    def printed(self) -> str:
+        """What the command prints: each table under its title."""
+        return "\n\n".join(f"{title}\n\n{table}" for title, _, table in self.tables())
+
+    def markdown_tables(self) -> list[tuple[str, str]]:
+        """(title and what the columns mean, table) of each table, for `report.write_markdown`."""
+        return [(f"{title} {columns}", table) for title, columns, table in self.tables()]
 
 
 def main(argv=None) -> Report | None:
@@ -438,8 +449,7 @@ def main(argv=None) -> Report | None:
         if report is not None and args.markdown:
             prog = launcher("captioner_train.evaluate", ranks.world) if from_shell else \
                 "python -m captioner_train.evaluate"  # called from Python: the command that does the same
-            write_markdown(args.markdown, command_line(prog, argv),
-                           [(f"{title} {columns}", table) for title, columns, table in _tables(args, report)])
+            write_markdown(args.markdown, command_line(prog, argv), report.markdown_tables())
         return report
     finally:
         distributed.stop(ranks)
@@ -458,12 +468,6 @@ def _evaluations(args, ranks: Ranks, cap: Captioner) -> list[Evaluation] | None:
     return results if ranks.main else None
 
 
-def _tables(args, report: Report) -> list[tuple[str, str, str]]:
-    processes = f" on {report.results[0].processes} processes" if report.results[0].processes > 1 else ""
-    return report.tables(f"{report.results[0].model}: {args.scenes} held-out scenes (seeds {args.seed_start}.."
-                         f"{args.seed_start + args.scenes - 1}){processes}")
-
-
 def _run(args, ranks: Ranks, cap: Captioner) -> Report | None:
     """Every rank evaluates its share; rank 0 prints the tables and returns the report (others None)."""
     results = _evaluations(args, ranks, cap)
@@ -472,7 +476,7 @@ def _run(args, ranks: Ranks, cap: Captioner) -> Report | None:
     if not ranks.main:
         return None
     report = Report(results, by_method, args.method_scenes)
-    print("\n\n".join(f"{title}\n\n{table}" for title, _, table in _tables(args, report)))
+    print(report.printed())
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report.to_json(), indent=2))
     return report
