@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .collection import MAP_FORMATS, caption_collection, image_paths
+from .collection import MAP_FORMATS, CollectionSettings, caption_collection, image_paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     ranks, device = distributed.start(args.device)
     try:
         cap = captioner.load(args.model, device=device, int8=args.int8)
-        summary = caption_collection(cap, paths, args.out, ranks, args.batch_size, args.beams,
-                                     args.max_new_tokens, args.maps, args.overlays, not args.no_progress)
+        settings = CollectionSettings(batch_size=args.batch_size, num_beams=args.beams,
+                                      max_new_tokens=args.max_new_tokens, maps=args.maps, overlays=args.overlays,
+                                      progress=not args.no_progress)
+        summary = caption_collection(cap, paths, args.out, ranks=ranks, settings=settings)
         if ranks.main:
             print(f"{summary} -> {args.out}" + (f" on {ranks.world} processes" if ranks.world > 1 else ""))
     finally:

@@ -146,17 +146,24 @@ def _write_batch(out: Path, shard, launch: str, rank: int, batch_no: int, lines:
     os.fsync(shard.fileno())
 
 
-def caption_collection(cap, paths: list[Path], out: Path, ranks: Ranks = Ranks(), batch_size: int = 8,
-                       num_beams: int = 4, max_new_tokens: int | None = None, maps: str = "npz",
-                       overlays: Path | None = None, progress: bool = True) -> Summary:
-    """Caption this rank's share of `paths` not yet in `out`'s shards, then (rank 0) merge all shards into `out`.
-    Every rank must call this with the same arguments; the summary counts all ranks."""
-    from .images import read_image
+@dataclass(frozen=True)
+class CollectionSettings:
+    batch_size: int = 8  # images per `Captioner.caption_batch` call
+    num_beams: int = 4  # beam width; 1 for greedy
+    max_new_tokens: int | None = None  # caption length limit (None: the model's)
+    maps: str = "npz"  # one of MAP_FORMATS: npz beside the JSONL, json inside each line, or none
+    overlays: Path | None = None  # also write titled PNG overlays here (one folder per image)
+    progress: bool = True  # show a progress bar on rank 0
 
-    if maps not in MAP_FORMATS:
-        raise ValueError(f"maps must be one of {', '.join(MAP_FORMATS)}, not {maps!r}")
-    start = time.perf_counter()
-    parts, index = parts_dir(out), {p: i for i, p in enumerate(paths)}
+    def __post_init__(self):
+        if self.maps not in MAP_FORMATS:
+            raise ValueError(f"maps must be one of {', '.join(MAP_FORMATS)}, not {self.maps!r}")
+
+
+def _read_done(out: Path, ranks: Ranks) -> tuple[list[Path], dict[str, str]]:
+    """Make the shard and map folders, then read every shard an earlier run left: (those shard files, their lines
+    by path). Every rank reads them before any rank writes a new one."""
+    parts = parts_dir(out)
     if ranks.main:
         parts.mkdir(parents=True, exist_ok=True)
         maps_dir(out).mkdir(parents=True, exist_ok=True)
@@ -164,41 +171,66 @@ def caption_collection(cap, paths: list[Path], out: Path, ranks: Ranks = Ranks()
     shards_before = sorted(parts.glob("*.jsonl"))
     done_before = read_lines(shards_before)
     distributed.barrier(ranks)  # everyone has read the shards before anyone adds to them
+    return shards_before, done_before
+
+
+def _caption_paths(cap, paths: list[Path], index: dict[Path, int], settings: CollectionSettings):
+    """Read and caption one batch: (its JSON lines, the results behind the first len(results) of them); a file
+    that is not a readable image gets a line with its error instead, after the others."""
+    from .images import read_image
+
+    images, readable, errors = [], [], []
+    for path in paths:
+        try:
+            images.append(read_image(path))
+            readable.append(path)
+        except (ValueError, OSError) as e:  # not an image, too large, unreadable: recorded, never fatal
+            errors.append({"path": str(path), "error": str(e)})
+    results = cap.caption_batch(images, settings.max_new_tokens, settings.num_beams) if images else []
+    lines = [record(p, r, settings.maps, settings.overlays, index[p]) for p, r in zip(readable, results)]
+    return lines + errors, results
+
+
+def _merge(out: Path, paths: list[Path], done_before: dict[str, str], shards_before: list[Path]) -> None:
+    """Rank 0: every shard's lines into `out` in input order, each image once, replacing `out` whole."""
+    merged = done_before  # read once at the start; only this run's shards are new
+    new_shards = sorted(set(parts_dir(out).glob("*.jsonl")) - set(shards_before))
+    for path, text in read_lines(new_shards).items():
+        merged.setdefault(path, text)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w") as f:
+        f.writelines(merged[str(p)] for p in paths if str(p) in merged)
+    os.replace(tmp, out)
+
+
+def caption_collection(cap, paths: list[Path], out: Path, *, ranks: Ranks = Ranks(),
+                       settings: CollectionSettings = CollectionSettings()) -> Summary:
+    """Caption this rank's share of `paths` not yet in `out`'s shards, then (rank 0) merge all shards into `out`.
+    Every rank must call this with the same arguments; the summary counts all ranks."""
+    start = time.perf_counter()
+    index = {p: i for i, p in enumerate(paths)}
+    shards_before, done_before = _read_done(out, ranks)
     todo = [p for p in paths if str(p) not in done_before]
-    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    batches = [todo[i:i + settings.batch_size] for i in range(0, len(todo), settings.batch_size)]
     mine = ranks.share(batches)
     rounds = math.ceil(len(batches) / ranks.world)  # the same on every rank: they count progress in lockstep
     launch = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}-{os.getpid()}"  # unique per launch
     done = failed = 0
-    with open(parts / f"{launch}-r{ranks.rank}.jsonl", "w") as shard, \
+    with open(parts_dir(out) / f"{launch}-r{ranks.rank}.jsonl", "w") as shard, \
             tqdm(total=len(paths), initial=len(paths) - len(todo), unit="img", desc="caption", dynamic_ncols=True,
-                 disable=not (progress and ranks.main)) as bar:
+                 disable=not (settings.progress and ranks.main)) as bar:
         for batch_no in range(rounds):
             n_done = n_failed = 0
             if batch_no < len(mine):
-                images, readable, errors = [], [], []
-                for path in mine[batch_no]:
-                    try:
-                        images.append(read_image(path))
-                        readable.append(path)
-                    except (ValueError, OSError) as e:  # not an image, too large, unreadable: recorded, never fatal
-                        errors.append({"path": str(path), "error": str(e)})
-                results = cap.caption_batch(images, max_new_tokens, num_beams) if images else []
-                lines = [record(p, r, maps, overlays, index[p]) for p, r in zip(readable, results)]
-                _write_batch(out, shard, launch, ranks.rank, batch_no, lines + errors, results, maps)
-                n_done, n_failed = len(results), len(errors)
+                lines, results = _caption_paths(cap, mine[batch_no], index, settings)
+                _write_batch(out, shard, launch, ranks.rank, batch_no, lines, results, settings.maps)
+                n_done, n_failed = len(results), len(lines) - len(results)
             n_done, n_failed = distributed.total(ranks, n_done, n_failed)
             done, failed = done + n_done, failed + n_failed
             bar.update(n_done + n_failed)
             bar.set_postfix(failed=failed)
     distributed.barrier(ranks)
     if ranks.main:
-        merged = done_before  # read once at the start; only this run's shards are new
-        for path, text in read_lines(sorted(set(parts.glob("*.jsonl")) - set(shards_before))).items():
-            merged.setdefault(path, text)
-        tmp = out.with_name(f".{out.name}.tmp")
-        with open(tmp, "w") as f:
-            f.writelines(merged[str(p)] for p in paths if str(p) in merged)
-        os.replace(tmp, out)
+        _merge(out, paths, done_before, shards_before)
     distributed.barrier(ranks)
     return Summary(len(paths), done, failed, len(paths) - len(todo), time.perf_counter() - start)

@@ -1,7 +1,8 @@
 """How fast is `Captioner.caption` (caption + every word map + the CLS map) against plain `generate` (the caption
 alone), how close to the machine's floor, and what does the default map cost? Prints a table; asserts nothing.
+`--markdown FILE` writes the figures as Markdown tables under a line naming machine, date, commit, torch and command.
 
-    python -m captioner_train.bench [--model PATH] [--repeats N] [--full-size-dir DIR]
+    python -m captioner_train.bench [--model PATH] [--repeats N] [--full-size-dir DIR] [--markdown FILE]
 
 Two models: the full-size architecture of nlpconnect/vit-gpt2-image-captioning (ViT-B/16 224 + GPT-2 small with
 cross-attention, vocab 50257) built offline from default configs with random weights and a random byte-level BPE
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,7 @@ from captioner import fastdecode
 from captioner.render import titled_overlay
 
 from .architecture import ModelConfig, image_processor, joined
+from .report import command_line, cpu_name, launcher, write_markdown
 from .synthetic import make_scene
 from .vocabulary import random_bpe_tokenizer
 
@@ -57,16 +60,6 @@ def build_full_size(folder: str | Path, seed: int = 0) -> str:
     return str(folder)
 
 
-def _cpu_name() -> str:
-    """The CPU's model name as lscpu prints it (every figure here belongs to that machine)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        import platform
-        return platform.processor() or "unknown CPU"
-
-
 def _median(times: list[float]) -> float:
     return statistics.median(times)
 
@@ -81,7 +74,17 @@ def plain_generate(model, processor, image, num_beams: int, max_new_tokens: int 
     return ids[: ids.index(eos)] if eos in ids else ids
 
 
-def compare(cap, anchor, image, num_beams: int, repeats: int) -> dict:
+@dataclass
+class Comparison:
+    """Plain `generate` against `cap.caption` on one image, medians in seconds."""
+    plain: float  # generate: the caption alone
+    ours: float  # caption(): caption and attention maps
+    same: bool  # identical tokens
+    tokens: int
+    words: int
+
+
+def compare(cap, anchor, image, num_beams: int, repeats: int) -> Comparison:
     """Alternate plain generate and cap.caption (attention maps: what decoding itself costs) on one image, one
     warm-up each; medians in seconds."""
     plain, ours = [], []
@@ -94,8 +97,7 @@ def compare(cap, anchor, image, num_beams: int, repeats: int) -> dict:
         t = time.perf_counter()
         res = cap.caption(image, max_new_tokens=NEW_TOKENS, num_beams=num_beams, method="attention")
         ours.append(time.perf_counter() - t)
-    return {"plain": _median(plain), "ours": _median(ours), "same": ids == res.token_ids,
-            "tokens": len(res.token_ids), "words": len(res.words)}
+    return Comparison(_median(plain), _median(ours), ids == res.token_ids, len(res.token_ids), len(res.words))
 
 
 def word_agreement(a: list, b: list) -> float:
@@ -104,7 +106,17 @@ def word_agreement(a: list, b: list) -> float:
     return 1.0 if n == 0 else sum(x == y for x, y in zip(a, b)) / n
 
 
-def int8_figures(cap, cap8, images: list, num_beams: int = 4) -> dict:
+@dataclass
+class Int8Figures:
+    fp32: float  # median caption() seconds, fp32
+    int8: float  # ... int8
+    agree: float  # mean word agreement with fp32 (`word_agreement`)
+    tokens: float  # mean token agreement
+    exact: float  # share of identical captions
+    n: int  # images
+
+
+def int8_figures(cap, cap8, images: list, num_beams: int = 4) -> Int8Figures:
     """Median caption() time fp32 vs int8 over `images`, mean word and token agreement, exact-caption share."""
     fp32, int8, agree, tokens, exact = [], [], [], [], []
     cap8.caption(images[0], max_new_tokens=NEW_TOKENS, num_beams=num_beams)  # warm-up
@@ -118,9 +130,8 @@ def int8_figures(cap, cap8, images: list, num_beams: int = 4) -> dict:
         agree.append(word_agreement(a.words, b.words))
         tokens.append(word_agreement(a.token_ids, b.token_ids))
         exact.append(a.words == b.words)
-    return {"fp32": _median(fp32), "int8": _median(int8), "agree": float(np.mean(agree)),
-            "tokens": float(np.mean(tokens)),
-            "exact": float(np.mean(exact)), "n": len(images)}
+    return Int8Figures(_median(fp32), _median(int8), float(np.mean(agree)), float(np.mean(tokens)),
+                       float(np.mean(exact)), len(images))
 
 
 def click_ms(res, clicks: int = 30) -> float:
@@ -149,7 +160,13 @@ def eleven_words(tokenizer) -> str:
     return " ".join(words)
 
 
-def floor_seconds(cap, anchor, image, rows: int, repeats: int, new_tokens: int = NEW_TOKENS) -> dict:
+@dataclass
+class Floor:
+    floor: float  # median seconds with each weight through the kernel fastdecode chose
+    linear: float  # ... through F.linear alone
+
+
+def floor_seconds(cap, anchor, image, rows: int, repeats: int, new_tokens: int = NEW_TOKENS) -> Floor:
     """The least a caption can cost here: the anchor's encoder (SDPA, no attentions), the cross-attention keys and
     values once for the image (any decoder with a cache computes them once), then `new_tokens` steps that only
     multiply `rows` rows by every other decoder weight once (LM head included), each weight through the kernel
@@ -180,10 +197,21 @@ def floor_seconds(cap, anchor, image, rows: int, repeats: int, new_tokens: int =
     for _ in range(repeats):
         best.append(run(True))
         linear.append(run(False))
-    return {"floor": _median(best), "linear": _median(linear)}
+    return Floor(_median(best), _median(linear))
 
 
-def map_cost(cap, image, text: str, repeats: int) -> dict:
+@dataclass
+class MapCost:
+    """Median seconds of the default map method against attention."""
+    method: str  # the default method
+    words: int  # in the explained caption
+    explain: float  # explain(image, text), default method
+    explain_attention: float
+    caption: float  # caption(image), beam 4, 16 tokens, default method
+    caption_attention: float
+
+
+def map_cost(cap, image, text: str, repeats: int) -> MapCost:
     """Median seconds of explain(image, text) and caption(image) (beam 4, 16 tokens) with the default method and
     with attention, alternated in one run."""
     times = {(kind, m): [] for kind in ("explain", "caption") for m in (captioner.DEFAULT_METHOD, "attention")}
@@ -196,7 +224,9 @@ def map_cost(cap, image, text: str, repeats: int) -> dict:
             t = time.perf_counter()
             calls[kind](m)
             times[kind, m].append(time.perf_counter() - t)
-    return {key: _median(v) for key, v in times.items()}
+    d = captioner.DEFAULT_METHOD
+    return MapCost(d, len(text.split()), _median(times["explain", d]), _median(times["explain", "attention"]),
+                   _median(times["caption", d]), _median(times["caption", "attention"]))
 
 
 _COLD = """
@@ -220,16 +250,35 @@ print(json.dumps({"wall": t3 - t0, "import": t1 - t0, "load": t2 - t1, "caption"
 """
 
 
-def cold_start(folder: str, image_path: str, text: str) -> dict:
+@dataclass
+class ColdStart:
+    """A fresh process to its first caption, in seconds, and its peak resident memory."""
+    wall: float  # from process start to the first caption
+    imports: float  # import captioner
+    load: float  # captioner.load
+    caption: float  # the first caption
+    rss_mb: float  # peak RSS, after an explain with each method too
+
+
+def cold_start(folder: str, image_path: str, text: str) -> ColdStart:
     """A fresh interpreter: import, load from the local folder, first caption (beam 4, default map). Seconds from
     process start (the weights are in the OS file cache by then) and its parts; then `text` explained with every
     method, and the process's peak resident memory over all of it."""
     out = subprocess.run([sys.executable, "-c", _COLD, folder, image_path, text], capture_output=True, text=True,
                          check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    c = json.loads(out.stdout.strip().splitlines()[-1])
+    return ColdStart(c["wall"], c["import"], c["load"], c["caption"], c["rss_mb"])
 
 
-def batch_figures(cap, images: list, batch_size: int = 8, num_beams: int = 4) -> dict:
+@dataclass
+class BatchFigures:
+    single: float  # images/s, caption() one at a time
+    batched: float  # images/s, caption_batch
+    same: float  # share of images with the same tokens both ways
+    n: int  # images
+
+
+def batch_figures(cap, images: list, batch_size: int = 8, num_beams: int = 4) -> BatchFigures:
     """Images per second: caption() one at a time vs caption_batch in batches of `batch_size`."""
     cap.caption_batch(images[:2], NEW_TOKENS, num_beams)  # warm-up
     t = time.perf_counter()
@@ -240,7 +289,7 @@ def batch_figures(cap, images: list, batch_size: int = 8, num_beams: int = 4) ->
                for r in cap.caption_batch(images[i:i + batch_size], NEW_TOKENS, num_beams)]
     many = time.perf_counter() - t
     same = float(np.mean([a.token_ids == b.token_ids for a, b in zip(one, batched)]))
-    return {"single": len(images) / single, "batched": len(images) / many, "same": same, "n": len(images)}
+    return BatchFigures(len(images) / single, len(images) / many, same, len(images))
 
 
 def _load_anchor(folder: str):
@@ -249,56 +298,193 @@ def _load_anchor(folder: str):
     return VisionEncoderDecoderModel.from_pretrained(folder).eval()  # default attention: SDPA
 
 
-def bench_model(label: str, folder: str, image, int8_images: list, batch_images: list, repeats: int,
-                rows: list, extras: list, text: str):
-    """Append this model's table rows and extra lines; returns its fp32 Captioner."""
-    cap, anchor = captioner.load(folder, device="cpu"), _load_anchor(folder)
-    for beams, mode in ((4, "beam 4"), (1, "greedy")):
-        r = compare(cap, anchor, image, beams, repeats)
-        f = floor_seconds(cap, anchor, image, beams, repeats)
-        rows.append(f"{label:<22} {mode:<7} {r['plain']:>9.3f} s {r['ours']:>9.3f} s {r['plain'] / r['ours']:>6.2f}x"
-                    f"  {'yes' if r['same'] else 'NO':<4} {f['floor']:>7.3f} s {r['ours'] / f['floor']:>6.2f}x"
-                    f"   {f['linear']:>7.3f} s  {r['tokens']:>3} tokens, {r['words']} words")
-    del anchor
+@dataclass
+class DecodingRow:
+    mode: str  # "beam 4" or "greedy"
+    comparison: Comparison
+    floor: Floor
+
+
+@dataclass
+class ModelBench:
+    """Every figure of one model."""
+    label: str
+    decoding: list[DecodingRow]  # beam 4, then greedy
+    decoded_by: str  # captioner's own loop, or generate and why
+    kernels: list[str]  # the kernels fastdecode chose on this machine (`Kernels.summary`)
+    maps: MapCost
+    int8: Int8Figures
+    batch: BatchFigures
+    cold: ColdStart | None = None  # measured separately (`cold_start`), in a fresh process
+
+
+@dataclass
+class Bench:
+    threads: int  # torch threads
+    repeats: int  # timed runs per side, after one warm-up
+    models: list[ModelBench] = field(default_factory=list)
+    click_ms: float | None = None  # one word's overlay on a 1024x1024 image from cached maps (`click_ms`)
+
+
+def _decoding_rows(cap, folder: str, image, repeats: int) -> list[DecodingRow]:
+    """Beam 4 and greedy: caption() against generate on the model as transformers loads it, and the floor."""
+    anchor = _load_anchor(folder)
+    return [DecodingRow(mode, compare(cap, anchor, image, beams, repeats),
+                        floor_seconds(cap, anchor, image, beams, repeats))
+            for beams, mode in ((4, "beam 4"), (1, "greedy"))]
+
+
+def _decoded_by(cap) -> str:
     why_not = fastdecode.unsupported(cap.model, do_sample=False)
-    extras.append(f"{label}: greedy and beam search decoded by " +
-                  ("captioner's own loop (fastdecode)" if why_not is None else f"generate ({why_not})"))
-    extras.append(f"{label}: kernels chosen on this machine (fastdecode.Kernels):")
-    extras += [f"    {line}" for line in fastdecode.kernels_for(cap.model).summary()]
-    m = map_cost(cap, image, text, repeats)
-    d = captioner.DEFAULT_METHOD
-    extras.append(f"{label}: default map ({d}) vs attention, {len(text.split())}-word caption: explain "
-                  f"{m['explain', d]:.3f} s vs {m['explain', 'attention']:.3f} s "
-                  f"({m['explain', d] / m['explain', 'attention']:.2f}x); caption + maps (beam 4) "
-                  f"{m['caption', d]:.3f} s vs {m['caption', 'attention']:.3f} s "
-                  f"({m['caption', d] / m['caption', 'attention']:.2f}x)")
+    return "captioner's own loop (fastdecode)" if why_not is None else f"generate ({why_not})"
+
+
+def _int8(folder: str, cap, images: list) -> Int8Figures:
     cap8 = captioner.load(folder, device="cpu", int8=True)
-    q = int8_figures(cap, cap8, int8_images)
-    extras.append(f"{label}: int8 beam 4 caption()+maps {q['int8']:.3f} s vs fp32 {q['fp32']:.3f} s "
-                  f"({q['fp32'] / q['int8']:.2f}x); word agreement {q['agree']:.1%} (tokens "
-                  f"{q['tokens']:.1%}), identical captions "
-                  f"{q['exact']:.0%} over {q['n']} images")
-    del cap8
-    b = batch_figures(cap, batch_images)
-    extras.append(f"{label}: batch mode beam 4, {b['n']} images: {b['batched']:.2f} img/s batched (8) vs "
-                  f"{b['single']:.2f} img/s one at a time ({b['batched'] / b['single']:.2f}x); "
-                  f"same tokens as one at a time {b['same']:.0%}")
-    return cap
+    return int8_figures(cap, cap8, images)
 
 
-def main(argv: list[str] | None = None) -> None:
+def bench_model(label: str, folder: str, image, int8_images: list, batch_images: list, repeats: int, text: str):
+    """Every figure of the model in `folder` but its cold start; returns them and its fp32 Captioner."""
+    cap = captioner.load(folder, device="cpu")
+    decoding = _decoding_rows(cap, folder, image, repeats)
+    kernels = fastdecode.kernels_for(cap.model).summary()  # what decoding and the floor chose
+    result = ModelBench(label, decoding, _decoded_by(cap), kernels, map_cost(cap, image, text, repeats),
+                        _int8(folder, cap, int8_images), batch_figures(cap, batch_images))
+    return result, cap
+
+
+def _text_rows(m: ModelBench) -> list[str]:
+    rows = []
+    for row in m.decoding:
+        r, f = row.comparison, row.floor
+        rows.append(f"{m.label:<22} {row.mode:<7} {r.plain:>9.3f} s {r.ours:>9.3f} s {r.plain / r.ours:>6.2f}x"
+                    f"  {'yes' if r.same else 'NO':<4} {f.floor:>7.3f} s {r.ours / f.floor:>6.2f}x"
+                    f"   {f.linear:>7.3f} s  {r.tokens:>3} tokens, {r.words} words")
+    return rows
+
+
+def _text_extras(m: ModelBench) -> list[str]:
+    c, q, b = m.maps, m.int8, m.batch
+    return [f"{m.label}: greedy and beam search decoded by {m.decoded_by}",
+            f"{m.label}: kernels chosen on this machine (fastdecode.Kernels):",
+            *(f"    {line}" for line in m.kernels),
+            f"{m.label}: default map ({c.method}) vs attention, {c.words}-word caption: explain "
+            f"{c.explain:.3f} s vs {c.explain_attention:.3f} s ({c.explain / c.explain_attention:.2f}x); caption + "
+            f"maps (beam 4) {c.caption:.3f} s vs {c.caption_attention:.3f} s "
+            f"({c.caption / c.caption_attention:.2f}x)",
+            f"{m.label}: int8 beam 4 caption()+maps {q.int8:.3f} s vs fp32 {q.fp32:.3f} s "
+            f"({q.fp32 / q.int8:.2f}x); word agreement {q.agree:.1%} (tokens {q.tokens:.1%}), identical captions "
+            f"{q.exact:.0%} over {q.n} images",
+            f"{m.label}: batch mode beam 4, {b.n} images: {b.batched:.2f} img/s batched (8) vs "
+            f"{b.single:.2f} img/s one at a time ({b.batched / b.single:.2f}x); "
+            f"same tokens as one at a time {b.same:.0%}"]
+
+
+def _text_cold(m: ModelBench) -> list[str]:
+    c = m.cold
+    return [] if c is None else [
+        f"{m.label}: cold start to first caption {c.wall:.1f} s (import {c.imports:.1f} s, load {c.load:.1f} s, "
+        f"caption {c.caption:.2f} s); peak RSS {c.rss_mb:.0f} MB after that caption and an explain with each method"]
+
+
+def text_report(bench: Bench) -> str:
+    """The table and lines the command prints after its progress lines."""
+    extras = []
+    for k, m in enumerate(bench.models):
+        extras += _text_extras(m)
+        if k == 0 and bench.click_ms is not None:
+            extras.append(f"word click, 1024x1024 image, titled_overlay from cached maps: {bench.click_ms:.1f} ms "
+                          "median")
+        extras += _text_cold(m)
+    return "\n".join([
+        f"\n{'model':<22} {'mode':<7} {'generate':>11} {'caption()':>11} {'ratio':>7}  {'same':<4} {'floor':>9} "
+        f"{'/floor':>7}   {'F.linear':>9}",
+        f"{'':<22} {'':<7} {'(caption)':>11} {'(+attn maps)':>11} {'':>7}  {'':<4} {'':>9} {'':>7}   {'floor':>9}",
+        *(row for m in bench.models for row in _text_rows(m)), "", *extras])
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                      *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+def markdown_tables(bench: Bench) -> list[tuple[str, str]]:
+    """(what the columns mean, Markdown table) of every figure, for `report.write_markdown`."""
+    ms = bench.models
+    setup = (f"{bench.threads} torch threads, {NEW_TOKENS} new tokens, fp32, medians of {bench.repeats} timed runs "
+             "after a warm-up.")
+    tables = [(
+        f"Decoding, {setup} Columns: generate is plain `generate` (the caption alone, default SDPA attention); "
+        "caption() is `Captioner.caption` (caption and attention maps); ratio is generate / caption(); same: whether "
+        "the tokens are identical; floor is the encoder, then one pass over every decoder weight per token through "
+        "the kernels fastdecode chose, and /floor caption() over it; F.linear floor the same pass through F.linear "
+        "alone; then the caption's length.",
+        _table(["model", "mode", "generate (s)", "caption() (s)", "ratio", "same", "floor (s)", "/floor",
+                "F.linear floor (s)", "tokens", "words"],
+               [[m.label, row.mode, f"{row.comparison.plain:.3f}", f"{row.comparison.ours:.3f}",
+                 f"{row.comparison.plain / row.comparison.ours:.2f}x", "yes" if row.comparison.same else "NO",
+                 f"{row.floor.floor:.3f}", f"{row.comparison.ours / row.floor.floor:.2f}x",
+                 f"{row.floor.linear:.3f}", str(row.comparison.tokens), str(row.comparison.words)]
+                for m in ms for row in m.decoding])), (
+        "How each model is decoded, and the kernel fastdecode chose for each weight shape on this machine (its "
+        "timed bandwidth for both candidates).",
+        _table(["model", "decoded by", "kernels chosen"], [[m.label, m.decoded_by, "; ".join(m.kernels) or "–"]
+                                                           for m in ms])), (
+        "The default map method against attention, in seconds: `explain` of a caption of that many words, and "
+        "`caption` (beam 4) with its maps; ratios are default / attention.",
+        _table(["model", "default method", "words", "explain (s)", "explain, attention (s)", "ratio",
+                "caption + maps (s)", "caption + maps, attention (s)", "ratio"],
+               [[m.label, m.maps.method, str(m.maps.words), f"{m.maps.explain:.3f}", f"{m.maps.explain_attention:.3f}",
+                 f"{m.maps.explain / m.maps.explain_attention:.2f}x", f"{m.maps.caption:.3f}",
+                 f"{m.maps.caption_attention:.3f}", f"{m.maps.caption / m.maps.caption_attention:.2f}x"]
+                for m in ms])), (
+        "int8 dynamic quantisation against fp32: median seconds of caption() (beam 4, attention maps), the speed-up, "
+        "the mean share of words and of tokens that agree with fp32, and the share of identical captions over the "
+        "images.",
+        _table(["model", "fp32 (s)", "int8 (s)", "speed-up", "word agreement", "token agreement",
+                "identical captions", "images"],
+               [[m.label, f"{m.int8.fp32:.3f}", f"{m.int8.int8:.3f}", f"{m.int8.fp32 / m.int8.int8:.2f}x",
+                 f"{m.int8.agree:.1%}", f"{m.int8.tokens:.1%}", f"{m.int8.exact:.0%}", str(m.int8.n)] for m in ms])), (
+        "Batch mode (beam 4): images per second captioned one at a time and by `caption_batch` in batches of 8, the "
+        "speed-up, and the share of images whose tokens are the same both ways.",
+        _table(["model", "one at a time (img/s)", "batched (img/s)", "speed-up", "same tokens", "images"],
+               [[m.label, f"{m.batch.single:.2f}", f"{m.batch.batched:.2f}", f"{m.batch.batched / m.batch.single:.2f}x",
+                 f"{m.batch.same:.0%}", str(m.batch.n)] for m in ms]))]
+    cold = [m for m in ms if m.cold is not None]
+    if cold:
+        tables.append((
+            "Cold start: seconds from a fresh process's start to its first caption (beam 4, default map), then its "
+            "parts (import, load from the local folder, the caption), and the process's peak resident memory after "
+            "an explain with each method as well.",
+            _table(["model", "first caption (s)", "import (s)", "load (s)", "caption (s)", "peak RSS (MB)"],
+                   [[m.label, f"{m.cold.wall:.1f}", f"{m.cold.imports:.1f}", f"{m.cold.load:.1f}",
+                     f"{m.cold.caption:.2f}", f"{m.cold.rss_mb:.0f}"] for m in cold])))
+    if bench.click_ms is not None:
+        tables.append(("A word click: milliseconds (median) to draw one word's titled overlay on a 1024x1024 image "
+                       "from the maps a caption cached.",
+                       _table(["image", "overlay from cached maps (ms)"], [["1024x1024", f"{bench.click_ms:.1f}"]])))
+    return tables
+
+
+def main(argv: list[str] | None = None) -> Bench:
     parser = argparse.ArgumentParser(prog="python -m captioner_train.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="second model to bench (default: captioner.default_model())")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side, after one warm-up (default 3)")
     parser.add_argument("--full-size-dir", help="keep the full-size random model here (built if missing)")
+    parser.add_argument("--markdown", metavar="FILE",
+                        help="write the tables here as Markdown, under a line naming machine, date, commit, torch "
+                             "and this command")
+    from_shell = argv is None  # run as a command, not called from Python
+    argv = sys.argv[1:] if from_shell else list(argv)
     args = parser.parse_args(argv)
     second = args.model or captioner.default_model()
     photos = sorted(EXAMPLES.glob("*.jpg"))
     photo = np.asarray(Image.open(photos[0]).convert("RGB"))
     scenes = [np.asarray(make_scene(1_000_000 + k).image) for k in range(24)]
-    print(f"{_cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {NEW_TOKENS} new tokens, "
+    print(f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {NEW_TOKENS} new tokens, "
           f"fp32, {args.repeats} timed repeats after a warm-up, medians")
-    rows, extras = [], []
+    bench = Bench(torch.get_num_threads(), args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         full = args.full_size_dir or tmp
         if not Path(full, "config.json").exists():
@@ -307,30 +493,23 @@ def main(argv: list[str] | None = None) -> None:
             print(f"built the full-size random model in {time.perf_counter() - t:.0f} s -> {full}")
         photo_images = [np.asarray(Image.open(p).convert("RGB")) for p in photos]
         text = eleven_words(captioner.load(full).tokenizer)
-        cap = bench_model("vit-gpt2 size (random)", full, photo, photo_images, (photo_images * 2)[:8],
-                          args.repeats, rows, extras, text)
+        figures, cap = bench_model("vit-gpt2 size (random)", full, photo, photo_images, (photo_images * 2)[:8],
+                                   args.repeats, text)
         big = np.asarray(Image.open(photos[0]).convert("RGB").resize((1024, 1024)))
-        res = cap.caption(big, max_new_tokens=NEW_TOKENS)
+        bench.click_ms = click_ms(cap.caption(big, max_new_tokens=NEW_TOKENS))
         del cap
-        extras.append(f"word click, 1024x1024 image, titled_overlay from cached maps: {click_ms(res):.1f} ms median")
-        c = cold_start(full, str(photos[0]), text)
-        extras.append(f"vit-gpt2 size (random): cold start to first caption {c['wall']:.1f} s (import "
-                      f"{c['import']:.1f} s, load {c['load']:.1f} s, caption {c['caption']:.1f} s); peak RSS "
-                      f"{c['rss_mb']:.0f} MB after that caption and an explain with each method")
+        figures.cold = cold_start(full, str(photos[0]), text)
+        bench.models.append(figures)
     label = "bundled scene model" if second == captioner.BUNDLED_MODEL else Path(second).name[-22:]
     scene_text = make_scene(1_000_000).caption
-    bench_model(label, second, scenes[0], scenes, scenes[:16], args.repeats, rows, extras, scene_text)
-    scene_png = EXAMPLES / "scene_17.png"
-    c = cold_start(second, str(scene_png), scene_text)
-    extras.append(f"{label}: cold start to first caption {c['wall']:.1f} s (import {c['import']:.1f} s, "
-                  f"load {c['load']:.1f} s, caption {c['caption']:.2f} s); peak RSS {c['rss_mb']:.0f} MB")
-    print(f"\n{'model':<22} {'mode':<7} {'generate':>11} {'caption()':>11} {'ratio':>7}  {'same':<4} "
-          f"{'floor':>9} {'/floor':>7}   {'F.linear':>9}")
-    print(f"{'':<22} {'':<7} {'(caption)':>11} {'(+attn maps)':>11} {'':>7}  {'':<4} {'':>9} {'':>7}   "
-          f"{'floor':>9}")
-    print("\n".join(rows))
-    print()
-    print("\n".join(extras))
+    figures, _ = bench_model(label, second, scenes[0], scenes, scenes[:16], args.repeats, scene_text)
+    figures.cold = cold_start(second, str(EXAMPLES / "scene_17.png"), scene_text)
+    bench.models.append(figures)
+    print(text_report(bench))
+    if args.markdown:
+        prog = launcher("captioner_train.bench") if from_shell else "python -m captioner_train.bench"
+        write_markdown(args.markdown, command_line(prog, argv), markdown_tables(bench))
+    return bench
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ because each scene has exactly one right caption and a box for every object it n
   caption and for generated captions that got the noun right, next to a uniform-map and a random-map baseline.
 
 Optionally also BLEU-4/CIDEr on a COCO-format captions file (`--coco-json F --image-dir D`).
-Prints a Markdown table (for the README) and writes every number with `--json-out`.
+Prints the Markdown tables, writes them with `--markdown FILE` (under a line naming machine, date, commit, torch
+and command) and every number with `--json-out`.
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import argparse
 import json
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +37,10 @@ from captioner.forcing import decoder_input, token_log_probs
 from captioner.loading import load
 from captioner.pipeline import Captioner
 
-from .faithfulness import compare_methods, methods_table
-from .pointing import (EVAL_SEEDS_START, energy_share, overlay_energy_share, pointing_hit, uniform_energy_share,
-                       uniform_hit_rate, uniform_overlay_share)
+from .faithfulness import METHODS_COLUMNS, MethodScores, compare_methods, methods_table
+from .pointing import (EVAL_SEEDS_START, ObjectScore, UniformBaseline, pointing_hit, records_by_seed, score_object,
+                       uniform_baseline)
+from .report import command_line, launcher, write_markdown
 from .synthetic import COLOURS, IMAGE_SIZE, RELATIONS, SHAPES, SIZES, make_scene
 
 RANDOM_MAP_SEED = 0  # the random-map baseline draws the same noise on every run
@@ -136,19 +140,73 @@ def errors_table(errors: dict) -> str:
     return "\n".join(lines)
 
 
-def _rate(hits: Sequence[float]) -> float | None:
-    return float(np.mean(hits)) if len(hits) else None
+def _rate(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+@dataclass
+class Evaluation:
+    """Caption and grounding metrics of one model and decoding setting on held-out scenes (see `evaluate`)."""
+    model: str
+    scenes: int
+    seed_start: int
+    num_beams: int
+    max_new_tokens: int
+    processes: int
+    bleu4: float
+    cider: float  # CIDEr-D as in coco-caption, x10 scale
+    exact_match: float  # share of generated captions equal to the true one
+    word_accuracy: float  # position-wise agreement over all true words; missing words count as wrong
+    words: int
+    perplexity: float  # exp of the mean NLL per true-caption token, EOS included
+    tokens: int
+    pointing_true: float | None  # pointing-game hit rate, object nouns of the true caption
+    pointing_true_uniform: float | None
+    pointing_true_random: float | None
+    objects_true: int
+    pointing_generated: float | None  # the same on generated captions, nouns right at the right index
+    pointing_generated_uniform: float | None
+    pointing_generated_random: float | None
+    objects_generated: int
+    energy_true: float | None  # share of the noun map's mass on the object's patches
+    energy_true_overlay: float | None  # ... on the upsampled overlay's pixels
+    energy_true_uniform: float | None
+    energy_true_overlay_uniform: float | None
+    energy_generated: float | None
+    errors: dict  # {part: {value: [wrong, seen]}} (`count_errors`)
+    seconds_per_scene: float  # wall time, all processes together, divided by the scenes
+    coco_images: int | None = None  # set by `evaluate_coco`'s figures when a COCO file is given
+    coco_bleu4: float | None = None
+    coco_cider: float | None = None
+
+
+@dataclass
+class SceneRecord:
+    """Everything `evaluate` pools from one held-out scene."""
+    seed: int
+    generated: str
+    reference: str
+    exact: bool
+    correct_words: int
+    n_words: int
+    nll: float  # summed over the true caption's tokens and EOS
+    n_tokens: int
+    true: list[ObjectScore]  # per object noun of the true caption, in object order
+    uniform: list[UniformBaseline]  # per object
+    random_hit: list[bool]  # per object: the argmax of uniform noise on the object
+    generated_objects: list[int]  # the objects whose noun the generated caption got right at the right index
+    gen: list[ObjectScore]  # their maps' scores when explaining the generated caption
 
 
 def evaluate(cap: Captioner, n_scenes: int = 500, seed_start: int = EVAL_SEEDS_START, num_beams: int = 1,
              progress: bool = True, max_new_tokens: int | None = None,
-             map_fn: MapFn = default_maps, ranks: Ranks = Ranks()) -> dict | None:
+             map_fn: MapFn = default_maps, ranks: Ranks = Ranks()) -> Evaluation | None:
     """Caption and grounding metrics of `cap` on scenes seed_start .. seed_start + n_scenes - 1.
 
     Captions are decoded with `num_beams` (1: greedy) and up to `max_new_tokens` tokens (None: as many as the
     model's positions allow, since the longest scene captions are 17 words). Under torchrun each rank takes every
     world-th scene and rank 0 pools them in seed order, so the figures equal one process's; other ranks return
-    None. Returns a flat dict:
+    None. The `Evaluation`'s fields:
 
     - bleu4, cider (CIDEr-D as in coco-caption, x10 scale), exact_match (generated == true caption),
       word_accuracy (position-wise agreement over all true words; missing words count as wrong), words;
@@ -170,84 +228,90 @@ def evaluate(cap: Captioner, n_scenes: int = 500, seed_start: int = EVAL_SEEDS_S
         raise ValueError(f"n_scenes must be at least 1, got {n_scenes}.")
     max_new_tokens = max_new_tokens or min(64, cap.max_tokens - 1)
     start = time.perf_counter()
-    seeds = ranks.share(list(range(seed_start, seed_start + n_scenes)))
-    mine = [scene_record(cap, seed, num_beams, max_new_tokens, map_fn)
-            for seed in tqdm(seeds, desc=f"evaluate (beams={num_beams})", disable=not (progress and ranks.main),
-                             dynamic_ncols=True)]
-    gathered = distributed.gather(ranks, mine)
-    if not ranks.main:
+    records = records_by_seed(ranks, list(range(seed_start, seed_start + n_scenes)),
+                              lambda seed: scene_record(cap, seed, num_beams, max_new_tokens, map_fn),
+                              f"evaluate (beams={num_beams})", progress)
+    if records is None:
         return None
-    records = sorted((r for part in gathered for r in part), key=lambda r: r["seed"])  # as one process has them
+    return Evaluation(model=cap.name, scenes=n_scenes, seed_start=seed_start, num_beams=num_beams,
+                      max_new_tokens=max_new_tokens, processes=ranks.world, **_caption_metrics(records),
+                      **_grounding_metrics(records), errors=_errors(records),
+                      seconds_per_scene=(time.perf_counter() - start) / n_scenes)
 
-    def pooled(key: str) -> list:
-        return [x for r in records for x in r[key]]
+
+def _caption_metrics(records: list[SceneRecord]) -> dict:
+    """The caption-quality fields of `Evaluation`, pooled over the scenes."""
+    n_words = sum(r.n_words for r in records)
+    nll, n_tokens = sum(r.nll for r in records), sum(r.n_tokens for r in records)
+    scores = caption_scores({r.seed: r.generated for r in records}, {r.seed: [r.reference] for r in records})
+    return dict(**scores, exact_match=sum(r.exact for r in records) / len(records),
+                word_accuracy=sum(r.correct_words for r in records) / n_words, words=n_words,
+                perplexity=math.exp(nll / n_tokens), tokens=n_tokens)
+
+
+def _grounding_metrics(records: list[SceneRecord]) -> dict:
+    """The pointing and energy fields of `Evaluation`, pooled over every scored object of every scene."""
+    true = [s for r in records for s in r.true]
+    uniform = [u for r in records for u in r.uniform]
+    random_hit = [h for r in records for h in r.random_hit]
+    gen = [s for r in records for s in r.gen]
+    gen_uniform = [r.uniform[k] for r in records for k in r.generated_objects]
+    gen_random = [r.random_hit[k] for r in records for k in r.generated_objects]
+    return dict(pointing_true=_rate([s.hit for s in true]), pointing_true_uniform=_rate([u.hit for u in uniform]),
+                pointing_true_random=_rate(random_hit), objects_true=len(true),
+                pointing_generated=_rate([s.hit for s in gen]),
+                pointing_generated_uniform=_rate([u.hit for u in gen_uniform]),
+                pointing_generated_random=_rate(gen_random), objects_generated=len(gen),
+                energy_true=_rate([s.energy for s in true]),
+                energy_true_overlay=_rate([s.energy_overlay for s in true]),
+                energy_true_uniform=_rate([u.energy for u in uniform]),
+                energy_true_overlay_uniform=_rate([u.energy_overlay for u in uniform]),
+                energy_generated=_rate([s.energy for s in gen]))
+
+
+def _errors(records: list[SceneRecord]) -> dict:
     errors: dict = {}
     for r in records:
-        count_errors(errors, r["reference"], r["generated"])
-    n_words = sum(r["n_words"] for r in records)
-    nll, n_tokens = sum(r["nll"] for r in records), sum(r["n_tokens"] for r in records)
-    scores = caption_scores({r["seed"]: r["generated"] for r in records},
-                            {r["seed"]: [r["reference"]] for r in records})
-    return {
-        "model": cap.name, "scenes": n_scenes, "seed_start": seed_start, "num_beams": num_beams,
-        "max_new_tokens": max_new_tokens, "processes": ranks.world,
-        **scores, "exact_match": sum(r["exact"] for r in records) / n_scenes,
-        "word_accuracy": sum(r["correct_words"] for r in records) / n_words, "words": n_words,
-        "perplexity": math.exp(nll / n_tokens), "tokens": n_tokens,
-        "pointing_true": _rate(pooled("true")), "pointing_true_uniform": _rate(pooled("true_uniform")),
-        "pointing_true_random": _rate(pooled("true_random")), "objects_true": len(pooled("true")),
-        "pointing_generated": _rate(pooled("gen")), "pointing_generated_uniform": _rate(pooled("gen_uniform")),
-        "pointing_generated_random": _rate(pooled("gen_random")), "objects_generated": len(pooled("gen")),
-        "energy_true": _rate(pooled("energy_true")), "energy_true_overlay": _rate(pooled("energy_true_overlay")),
-        "energy_true_uniform": _rate(pooled("energy_true_uniform")),
-        "energy_true_overlay_uniform": _rate(pooled("energy_true_overlay_uniform")),
-        "energy_generated": _rate(pooled("energy_gen")),
-        "errors": errors, "seconds_per_scene": (time.perf_counter() - start) / n_scenes,
-    }
+        count_errors(errors, r.reference, r.generated)
+    return errors
 
 
-def scene_record(cap: Captioner, seed: int, num_beams: int, max_new_tokens: int, map_fn: MapFn) -> dict:
+def scene_record(cap: Captioner, seed: int, num_beams: int, max_new_tokens: int, map_fn: MapFn) -> SceneRecord:
     """Everything `evaluate` pools from one held-out scene: the generated caption, word and token counts, and
-    per object noun its pointing hit, energy shares and baselines (lists, in object order)."""
+    per object noun its scores, the baselines, and its scores on the generated caption when that got it right."""
     size = (IMAGE_SIZE, IMAGE_SIZE)  # (H, W) of every scene, which the maps cover
     scene = make_scene(seed)
     true_words = scene.caption.split()
     res = cap.caption(scene.image, max_new_tokens=max_new_tokens, num_beams=num_beams)
     token_losses = token_nll(cap, scene.image, scene.caption)  # (T+1,)
-    r = {"seed": seed, "generated": res.text, "reference": scene.caption, "exact": res.words == true_words,
-         "correct_words": sum(g == t for g, t in zip(res.words, true_words)), "n_words": len(true_words),
-         "nll": float(token_losses.sum()), "n_tokens": len(token_losses),
-         **{key: [] for key in ("true", "true_uniform", "true_random", "gen", "gen_uniform", "gen_random",
-                                "energy_true", "energy_true_overlay", "energy_true_uniform",
-                                "energy_true_overlay_uniform", "energy_gen")}}
-    rng = np.random.default_rng((RANDOM_MAP_SEED, seed))  # per scene: the same draws however scenes are split
     true_maps = map_fn(cap, scene.image, scene.caption)  # (W, gh, gw)
     assert len(true_maps) == len(true_words), f"{len(true_maps)} maps for {len(true_words)} words"
-    gen_maps = None
-    for obj in scene.objects:
-        k, grid = obj.word_index, true_maps.shape[1:]
-        uniform = uniform_hit_rate(grid, obj.box, size)
-        # drawn for every object, so the generated-caption subset reuses the very same draws
-        noise_hit = pointing_hit(rng.random(grid), obj.box, size)
-        r["true"].append(pointing_hit(true_maps[k], obj.box, size))
-        r["true_uniform"].append(uniform)
-        r["true_random"].append(noise_hit)
-        r["energy_true"].append(energy_share(true_maps[k], obj.box, size))
-        r["energy_true_overlay"].append(overlay_energy_share(true_maps[k], obj.box, size))
-        r["energy_true_uniform"].append(uniform_energy_share(grid, obj.box, size))
-        r["energy_true_overlay_uniform"].append(uniform_overlay_share(obj.box, size))
-        if k < len(res.words) and res.words[k] == true_words[k]:
-            if gen_maps is None:
-                gen_maps = map_fn(cap, scene.image, res.text)  # (W', gh, gw)
-            r["gen"].append(pointing_hit(gen_maps[k], obj.box, size))
-            r["energy_gen"].append(energy_share(gen_maps[k], obj.box, size))
-            r["gen_uniform"].append(uniform)
-            r["gen_random"].append(noise_hit)
-    return r
+    grid = true_maps.shape[1:]
+    rng = np.random.default_rng((RANDOM_MAP_SEED, seed))  # per scene: the same draws however scenes are split
+    # drawn for every object, so the generated-caption subset reuses the very same draws
+    random_hit = [pointing_hit(rng.random(grid), obj.box, size) for obj in scene.objects]
+    right = [i for i, obj in enumerate(scene.objects)
+             if obj.word_index < len(res.words) and res.words[obj.word_index] == true_words[obj.word_index]]
+    gen_maps = map_fn(cap, scene.image, res.text) if right else None  # (W', gh, gw)
+    return SceneRecord(
+        seed=seed, generated=res.text, reference=scene.caption, exact=res.words == true_words,
+        correct_words=sum(g == t for g, t in zip(res.words, true_words)), n_words=len(true_words),
+        nll=float(token_losses.sum()), n_tokens=len(token_losses),
+        true=[score_object(true_maps[obj.word_index], obj.box, size) for obj in scene.objects],
+        uniform=[uniform_baseline(grid, obj.box, size) for obj in scene.objects], random_hit=random_hit,
+        generated_objects=right,
+        gen=[score_object(gen_maps[scene.objects[i].word_index], scene.objects[i].box, size) for i in right])
+
+
+@dataclass
+class CocoScores:
+    coco_images: int
+    coco_bleu4: float
+    coco_cider: float
 
 
 def evaluate_coco(cap: Captioner, annotations: str | Path, image_dir: str | Path, limit: int | None = None,
-                  num_beams: int = 1, progress: bool = True) -> dict:
+                  num_beams: int = 1, progress: bool = True) -> CocoScores:
     """BLEU-4 and CIDEr of generated captions against all references of each image in a COCO-format captions
     file (e.g. captions_val2017.json), over its first `limit` images."""
     data = json.loads(Path(annotations).read_text())
@@ -262,10 +326,10 @@ def evaluate_coco(cap: Captioner, annotations: str | Path, image_dir: str | Path
         with Image.open(Path(image_dir) / img["file_name"]) as pil:
             generated[img["id"]] = cap.caption(pil.convert("RGB"), num_beams=num_beams).text
     scores = caption_scores(generated, {k: refs[k] for k in generated})
-    return {"coco_images": len(images), "coco_bleu4": scores["bleu4"], "coco_cider": scores["cider"]}
+    return CocoScores(len(images), scores["bleu4"], scores["cider"])
 
 
-ROWS = [  # (key, label, format) of the Markdown table
+ROWS = [  # (field, label, format) of the Markdown table
     ("bleu4", "BLEU-4", "{:.3f}"), ("cider", "CIDEr", "{:.3f}"), ("exact_match", "exact match", "{:.1%}"),
     ("word_accuracy", "word accuracy", "{:.1%}"), ("perplexity", "perplexity (true caption + EOS)", "{:.3f}"),
     ("pointing_true", "pointing game, true caption", "{:.1%}"),
@@ -283,20 +347,76 @@ ROWS = [  # (key, label, format) of the Markdown table
     ("coco_bleu4", "COCO BLEU-4", "{:.3f}"), ("coco_cider", "COCO CIDEr", "{:.3f}"),
     ("coco_images", "COCO images", "{}"), ("seconds_per_scene", "seconds per scene", "{:.3f}"),
 ]
+COCO_FIELDS = {"coco_bleu4", "coco_cider", "coco_images"}  # rows shown only when a COCO file was scored
 
 
-def markdown_table(results: list[dict]) -> str:
-    """One column per result (decoding setting), one row per metric any of them has."""
-    head = ["metric"] + ["greedy" if r["num_beams"] == 1 else f"beam {r['num_beams']}" for r in results]
+def setting(num_beams: int) -> str:
+    """A decoding setting's name in the tables."""
+    return "greedy" if num_beams == 1 else f"beam {num_beams}"
+
+
+def markdown_table(results: list[Evaluation]) -> str:
+    """One column per result (decoding setting), one row per metric (COCO's only when one of them has it)."""
+    head = ["metric"] + [setting(r.num_beams) for r in results]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, label, fmt in ROWS:
-        if any(key in r for r in results):
-            cells = ["–" if r.get(key) is None else fmt.format(r[key]) for r in results]
+        values = [getattr(r, key) for r in results]
+        if key not in COCO_FIELDS or any(v is not None for v in values):
+            cells = ["–" if v is None else fmt.format(v) for v in values]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def main(argv=None) -> list[dict]:
+METRICS_COLUMNS = ("Each column is one decoding setting (greedy, or beam search with that many beams) over the "
+                   "same scenes; each row one metric (defined in `captioner_train.evaluate.evaluate`), – where no "
+                   "object could be scored.")
+ERRORS_COLUMNS = ("Columns: the part of the true caption (objects: the whole caption, by how many objects it "
+                  "names), its value, how many generated captions got it wrong, of how many that had it, and the "
+                  "error rate.")
+
+
+@dataclass
+class Report:
+    """What `python -m captioner_train.evaluate` found: one `Evaluation` per decoding setting, and the map methods
+    compared on `method_scenes` scenes (None when no methods were asked for)."""
+    results: list[Evaluation]
+    methods: dict[str, MethodScores] | None
+    method_scenes: int
+
+    def to_json(self) -> list[dict]:
+        """The `--json-out` list: each evaluation's fields (COCO's only when scored), then {"methods": {method:
+        scores}, "method_scenes"}."""
+        out = [{k: v for k, v in asdict(r).items() if k not in COCO_FIELDS or v is not None} for r in self.results]
+        if self.methods is not None:
+            out.append({"methods": {m: asdict(s) for m, s in self.methods.items()},
+                        "method_scenes": self.method_scenes})
+        return out
+
+    def tables(self) -> list[tuple[str, str, str]]:
+        """(title, what the columns mean, Markdown table) of each table, in printing order."""
+        first = self.results[0]
+        processes = f" on {first.processes} processes" if first.processes > 1 else ""
+        title = (f"{first.model}: {first.scenes} held-out scenes (seeds {first.seed_start}.."
+                 f"{first.seed_start + first.scenes - 1}){processes}")
+        out = [(title, METRICS_COLUMNS, markdown_table(self.results))]
+        for r in self.results:
+            out.append((f"Errors by part, {setting(r.num_beams)} (a caption outside the grammar counts every part "
+                        "wrong)", ERRORS_COLUMNS, errors_table(r.errors)))
+        if self.methods is not None:
+            out.append((f"Map methods on the object nouns of {self.method_scenes} held-out scenes (true captions)",
+                        METHODS_COLUMNS, methods_table(self.methods)))
+        return out
+
+    def printed(self) -> str:
+        """What the command prints: each table under its title."""
+        return "\n\n".join(f"{title}\n\n{table}" for title, _, table in self.tables())
+
+    def markdown_tables(self) -> list[tuple[str, str]]:
+        """(title and what the columns mean, table) of each table, for `report.write_markdown`."""
+        return [(f"{title} {columns}", table) for title, columns, table in self.tables()]
+
+
+def main(argv=None) -> Report | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="model folder or hub id, as captioner.load takes")
     parser.add_argument("--scenes", type=int, default=500, help="held-out synthetic scenes to evaluate")
@@ -313,46 +433,53 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--method-scenes", type=int, default=200, help="scenes for the method comparison")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--json-out", help="write the metrics here as JSON")
+    parser.add_argument("--markdown", metavar="FILE",
+                        help="write the tables here as Markdown, under a line naming machine, date, commit, torch "
+                             "and this command")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    from_shell = argv is None  # run as a command, not called from Python
+    argv = sys.argv[1:] if from_shell else list(argv)
     args = parser.parse_args(argv)
     if bool(args.coco_json) != bool(args.image_dir):
         parser.error("--coco-json and --image-dir go together")
 
     ranks, device = distributed.start(args.device)
     try:
-        return _run(args, ranks, load(args.model, device=device))
+        report = _run(args, ranks, load(args.model, device=device))
+        if report is not None and args.markdown:
+            prog = launcher("captioner_train.evaluate", ranks.world) if from_shell else \
+                "python -m captioner_train.evaluate"  # called from Python: the command that does the same
+            write_markdown(args.markdown, command_line(prog, argv), report.markdown_tables())
+        return report
     finally:
         distributed.stop(ranks)
 
 
-def _run(args, ranks: Ranks, cap: Captioner) -> list[dict] | None:
-    """Every rank evaluates its share; rank 0 prints the tables and returns the results (others None)."""
+def _evaluations(args, ranks: Ranks, cap: Captioner) -> list[Evaluation] | None:
+    """One evaluation per beam count; COCO's scores joined to each on rank 0 (other ranks: None)."""
     progress = not args.no_progress
     results = []
     for beams in args.beams:
         result = evaluate(cap, args.scenes, args.seed_start, num_beams=beams, progress=progress, ranks=ranks)
         if args.coco_json and ranks.main:  # COCO images are not split: rank 0 alone
-            result.update(evaluate_coco(cap, args.coco_json, args.image_dir, args.limit, beams, progress=progress))
+            coco = evaluate_coco(cap, args.coco_json, args.image_dir, args.limit, beams, progress=progress)
+            result = replace(result, **asdict(coco))
         results.append(result)
-    by_method = compare_methods(cap, args.method_scenes, args.seed_start, args.methods, progress=progress,
-                                ranks=ranks) if args.methods else None
+    return results if ranks.main else None
+
+
+def _run(args, ranks: Ranks, cap: Captioner) -> Report | None:
+    """Every rank evaluates its share; rank 0 prints the tables and returns the report (others None)."""
+    results = _evaluations(args, ranks, cap)
+    by_method = compare_methods(cap, args.method_scenes, args.seed_start, args.methods,
+                                progress=not args.no_progress, ranks=ranks) if args.methods else None
     if not ranks.main:
         return None
-    processes = f" on {ranks.world} processes" if ranks.world > 1 else ""
-    print(f"{cap.name}: {args.scenes} held-out scenes (seeds {args.seed_start}..{args.seed_start + args.scenes - 1})"
-          f"{processes}\n")
-    print(markdown_table(results))
-    for r in results:
-        setting = "greedy" if r["num_beams"] == 1 else f"beam {r['num_beams']}"
-        print(f"\nErrors by part, {setting} (a caption outside the grammar counts every part wrong)\n")
-        print(errors_table(r["errors"]))
-    if by_method is not None:
-        print(f"\nMap methods on the object nouns of {args.method_scenes} held-out scenes (true captions)\n")
-        print(methods_table(by_method))
-        results.append({"methods": by_method, "method_scenes": args.method_scenes})
+    report = Report(results, by_method, args.method_scenes)
+    print(report.printed())
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=2))
-    return results
+        Path(args.json_out).write_text(json.dumps(report.to_json(), indent=2))
+    return report
 
 
 if __name__ == "__main__":

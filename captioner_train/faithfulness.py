@@ -10,18 +10,18 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from captioner import distributed
 from captioner.distributed import Ranks
 from captioner.forcing import decoder_input, token_log_probs
 from captioner.pipeline import METHODS, Captioner
 
 from .candidates import CANDIDATES
-from .pointing import (EVAL_SEEDS_START, energy_share, overlay_energy_share, pointing_hit, uniform_energy_share,
-                       uniform_overlay_share)
+from .pointing import (EVAL_SEEDS_START, ObjectScore, UniformBaseline, records_by_seed, score_object,
+                       uniform_baseline)
 from .synthetic import IMAGE_SIZE, make_scene
 
 STEPS = 8  # deletion steps: 0, 1/8, ..., 8/8 of the patches greyed out
@@ -64,31 +64,64 @@ def randomised(cap: Captioner, seed: int = 0) -> Captioner:
     return Captioner(model.to(cap.device), cap.tokenizer, cap.processor, name=f"{cap.name} (random weights)")
 
 
+@dataclass
+class MethodScores:
+    """One map method over the object nouns of the true captions (means over those nouns)."""
+    pointing: float  # pointing-game hit rate
+    energy: float  # share of the map's mass on the object's patches
+    energy_overlay: float  # ... on the upsampled overlay's pixels
+    deletion_auc: float  # area under the deletion curve in the map's patch order (lower: the map found it)
+    deletion_auc_random: float  # the same in a random patch order
+    rank_corr_random_weights: float  # Spearman correlation with a weight-randomised model's maps (lower is better)
+    energy_uniform: float  # what a uniform map scores for energy, on the grid
+    energy_overlay_uniform: float  # ... and on the overlay
+    words: int  # object nouns scored
+
+
+@dataclass
+class MethodObject:
+    """One method's figures on one object noun of one scene."""
+    score: ObjectScore
+    auc: float  # deletion AUC, the map's patch order
+    auc_random: float  # deletion AUC, a random patch order
+    rank_corr: float  # Spearman correlation with the weight-randomised model's map
+
+
+@dataclass
+class MethodRecord:
+    """One scene's figures: per method, per object noun in object order."""
+    seed: int
+    uniform: list[UniformBaseline]  # per object
+    methods: dict[str, list[MethodObject]]
+
+
 def compare_methods(cap: Captioner, n_scenes: int = 200, seed_start: int = EVAL_SEEDS_START,
-                    methods=METHODS, progress: bool = True, ranks: Ranks = Ranks()) -> dict[str, dict] | None:
+                    methods=METHODS, progress: bool = True, ranks: Ranks = Ranks()) -> dict[str, MethodScores] | None:
     """Per method: pointing game, energy pointing (grid and overlay, with the uniform map's), deletion AUC (with
     the random-order AUC on the same words) and the rank correlation with a weight-randomised model's maps, over
     the object nouns of the true captions. Under torchrun the scenes are split between ranks and pooled on rank 0
     in seed order (other ranks return None)."""
     random_cap = randomised(cap)
-    seeds = ranks.share(list(range(seed_start, seed_start + n_scenes)))
-    mine = [_method_record(cap, random_cap, seed, methods)
-            for seed in tqdm(seeds, desc="methods", disable=not (progress and ranks.main), dynamic_ncols=True)]
-    gathered = distributed.gather(ranks, mine)
-    if not ranks.main:
+    records = records_by_seed(ranks, list(range(seed_start, seed_start + n_scenes)),
+                              lambda seed: _method_record(cap, random_cap, seed, methods), "methods", progress)
+    if records is None:
         return None
-    records = sorted((r for part in gathered for r in part), key=lambda r: r["seed"])
+    return {m: _pool_method(records, m) for m in methods}
+
+
+def _pool_method(records: list[MethodRecord], method: str) -> MethodScores:
+    objects = [o for r in records for o in r.methods[method]]
+    uniform = [u for r in records for u in r.uniform]
 
     def mean(values) -> float:
         return float(np.mean(list(values)))
-    uniform = mean(x for r in records for x in r["uniform"])
-    uniform_overlay = mean(x for r in records for x in r["uniform_overlay"])
-    keys = {"pointing": "hits", "energy": "energy", "energy_overlay": "energy_overlay", "deletion_auc": "auc",
-            "deletion_auc_random": "auc_random", "rank_corr_random_weights": "rank_corr"}
-    return {m: {**{name: mean(x for r in records for x in r[m][key]) for name, key in keys.items()},
-                "energy_uniform": uniform, "energy_overlay_uniform": uniform_overlay,
-                "words": sum(len(r[m]["hits"]) for r in records)}
-            for m in methods}
+    return MethodScores(pointing=mean(o.score.hit for o in objects), energy=mean(o.score.energy for o in objects),
+                        energy_overlay=mean(o.score.energy_overlay for o in objects),
+                        deletion_auc=mean(o.auc for o in objects),
+                        deletion_auc_random=mean(o.auc_random for o in objects),
+                        rank_corr_random_weights=mean(o.rank_corr for o in objects),
+                        energy_uniform=mean(u.energy for u in uniform),
+                        energy_overlay_uniform=mean(u.energy_overlay for u in uniform), words=len(objects))
 
 
 def word_maps(cap: Captioner, image, text: str, method: str) -> np.ndarray:
@@ -101,41 +134,44 @@ def word_maps(cap: Captioner, image, text: str, method: str) -> np.ndarray:
                      f"{', '.join(CANDIDATES)}")
 
 
-def _method_record(cap: Captioner, random_cap: Captioner, seed: int, methods) -> dict:
-    """One scene's per-object figures for each method (lists in object order)."""
+def _method_record(cap: Captioner, random_cap: Captioner, seed: int, methods) -> MethodRecord:
+    """One scene's per-object figures for each method."""
     size = (IMAGE_SIZE, IMAGE_SIZE)
     scene = make_scene(seed)
     rng = np.random.default_rng((0, seed))  # per scene: the same random orders however scenes are split
-    record = {"seed": seed, "uniform": [uniform_energy_share(cap.grid, o.box, size) for o in scene.objects],
-              "uniform_overlay": [uniform_overlay_share(o.box, size) for o in scene.objects]}
+    record = MethodRecord(seed, [uniform_baseline(cap.grid, o.box, size) for o in scene.objects], {})
     for m in methods:
         maps = word_maps(cap, scene.image, scene.caption, m)  # (W, gh, gw)
         random_maps = word_maps(random_cap, scene.image, scene.caption, m)
-        s = record[m] = {"hits": [], "energy": [], "energy_overlay": [], "auc": [], "auc_random": [],
-                         "rank_corr": []}
+        record.methods[m] = []
         for obj in scene.objects:
             k = obj.word_index
-            s["hits"].append(pointing_hit(maps[k], obj.box, size))
-            s["energy"].append(energy_share(maps[k], obj.box, size))
-            s["energy_overlay"].append(overlay_energy_share(maps[k], obj.box, size))
             order = np.argsort(-maps[k].ravel(), kind="stable")
-            s["auc"].append(_auc(deletion_curve(cap, scene.image, scene.caption, k, order)))
+            auc = _auc(deletion_curve(cap, scene.image, scene.caption, k, order))
             shuffled = rng.permutation(order.size)
-            s["auc_random"].append(_auc(deletion_curve(cap, scene.image, scene.caption, k, shuffled)))
-            s["rank_corr"].append(_spearman(maps[k], random_maps[k]))
+            auc_random = _auc(deletion_curve(cap, scene.image, scene.caption, k, shuffled))
+            record.methods[m].append(MethodObject(score_object(maps[k], obj.box, size), auc, auc_random,
+                                                  _spearman(maps[k], random_maps[k])))
     return record
 
 
-def methods_table(results: dict[str, dict]) -> str:
+METHODS_COLUMNS = ("Columns: the map method; the pointing game's hit rate; the share of the map's mass on the "
+                   "object's patches (grid) and on the upsampled overlay's pixels (overlay); the area under the "
+                   "deletion curve when the map's hottest patches are greyed out first, and when random ones are; the "
+                   "Spearman rank correlation with the maps of the same model with random weights. The last row is "
+                   "what a uniform map scores.")
+
+
+def methods_table(results: dict[str, MethodScores]) -> str:
     lines = ["| method | pointing game | energy pointing (grid) | energy pointing (overlay) | deletion AUC (lower "
              "is better) | random-order AUC | rank corr. with random-weight maps (lower is better) |",
              "|---|---|---|---|---|---|---|"]
     for m, r in results.items():
-        lines.append(f"| {m} | {r['pointing']:.1%} | {r['energy']:.3f} | {r['energy_overlay']:.3f} | "
-                     f"{r['deletion_auc']:.3f} | {r['deletion_auc_random']:.3f} | "
-                     f"{r['rank_corr_random_weights']:.2f} |")
+        lines.append(f"| {m} | {r.pointing:.1%} | {r.energy:.3f} | {r.energy_overlay:.3f} | "
+                     f"{r.deletion_auc:.3f} | {r.deletion_auc_random:.3f} | "
+                     f"{r.rank_corr_random_weights:.2f} |")
     if results:
         first = next(iter(results.values()))
-        lines.append(f"| uniform map | – | {first['energy_uniform']:.3f} | {first['energy_overlay_uniform']:.3f} | "
+        lines.append(f"| uniform map | – | {first.energy_uniform:.3f} | {first.energy_overlay_uniform:.3f} | "
                      "– | – | – |")
     return "\n".join(lines)

@@ -260,30 +260,64 @@ def _validate(model, loader, accelerator) -> float:
     return total / max(count, 1)
 
 
-def main(cfg: TrainConfig) -> dict:
-    """Run training as configured; returns the metrics written to the training card."""
-    started = _clock()  # a --minutes budget counts from here: rendering and validation are part of it
+class _Progress:
+    """Where the run is: the steps taken, the step the schedule anneals to and the run ends at (`horizon`: the cap,
+    or less when --minutes plans so) and the cap it was planned under. Travels with the checkpoint as a plain dict."""
+
+    def __init__(self, cap: int):
+        self.state = {"step": 0, "horizon": cap, "cap": cap}
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state.update(state)
+
+
+@dataclass
+class _Run:
+    """What the training loop works on, once accelerate has prepared it."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train_loader: DataLoader
+    val_loader: DataLoader
+    schedule: LambdaLR
+    ema: _Ema | None
+    progress: _Progress
+    steps_per_epoch: int  # per process, after prepare() has split the batches among the processes
+    cap: int  # the epochs' steps, or --max-steps if fewer
+
+    def end(self, cfg: TrainConfig) -> int:  # horizon <= cap always: plans never pass it, a resume resets it
+        return min(self.progress.state["horizon"], cfg.stop_after or self.cap)
+
+
+def _accelerator(cfg: TrainConfig) -> Accelerator:
     # A seedable sampler reshuffles from seed + epoch, so a resumed run sees the same order as an unbroken one.
     # Several processes without a GPU (torchrun --nproc_per_node N): accelerate joins them over gloo only when told
     # cpu=True; otherwise each would train alone on all the data.
     several_on_cpu = not torch.accelerator.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     # find_unused_parameters: parameters the loss does not reach (ViT's pooler, the stages' frozen ones) would
     # otherwise stop DDP at the second step.
-    accelerator = Accelerator(cpu=several_on_cpu, mixed_precision=cfg.mixed_precision,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    set_seed(cfg.seed)
-    out = Path(cfg.out)
-    model, tokenizer, processor = _model_and_preprocessing(cfg)
+    return Accelerator(cpu=several_on_cpu, mixed_precision=cfg.mixed_precision,
+                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+
+
+def _build_data(cfg: TrainConfig, model, tokenizer, processor) -> tuple[DataLoader, DataLoader]:
+    """Training and validation loaders; the training order is seeded."""
     train_set, val_set = _datasets(cfg)
-    if cfg.ground_weight:  # the grounding loss reads the decoder's attention weights, which SDPA does not return
-        model.set_attn_implementation({"encoder": model.config.encoder._attn_implementation, "decoder": "eager"})
     grid = config_grid(model.config.encoder) if cfg.ground_weight else None
     collate = Collator(processor, tokenizer, cfg.max_tokens, grid)
     train_loader = DataLoader(train_set, cfg.batch_size, shuffle=True, collate_fn=collate, drop_last=True,
                               num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
                               generator=torch.Generator().manual_seed(cfg.seed))
     val_loader = DataLoader(val_set, cfg.batch_size, collate_fn=collate, num_workers=0)
+    return train_loader, val_loader
+
+
+def _prepare(cfg: TrainConfig, accelerator: Accelerator, model, train_loader, val_loader) -> _Run:
+    """Optimizer, schedule and weight average, handed to accelerate and registered with the checkpoint; with
+    --resume, loaded from out/checkpoint."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(0.9, 0.98))
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
@@ -293,88 +327,120 @@ def main(cfg: TrainConfig) -> dict:
     cap = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         cap = min(cap, cfg.max_steps)
-    # horizon: the step the schedule anneals to and the run ends at (cap, or less when --minutes plans so)
-    progress = {"step": 0, "horizon": cap, "cap": cap}
-    schedule = LambdaLR(optimizer, lambda step: lr_factor(step, cfg.warmup_steps, progress["horizon"]))
+    progress = _Progress(cap)
+    schedule = LambdaLR(optimizer, lambda step: lr_factor(step, cfg.warmup_steps, progress.state["horizon"]))
     accelerator.register_for_checkpointing(schedule)
     ema = _Ema(accelerator.unwrap_model(model), cfg.ema) if cfg.ema else None
     if ema:
         accelerator.register_for_checkpointing(ema)
-
-    class _Progress:  # the step counter travels with the checkpoint
-        state_dict = staticmethod(lambda: dict(progress))
-        load_state_dict = staticmethod(progress.update)
-    accelerator.register_for_checkpointing(_Progress)
+    accelerator.register_for_checkpointing(progress)
     if cfg.resume:
-        accelerator.load_state(str(out / "checkpoint"))
-        accelerator.print(f"resumed at step {progress['step']}")
-        if progress.get("cap") != cap:  # other --epochs, --max-steps or processes: the schedule aims at the new cap
-            progress.update(horizon=cap, cap=cap)
+        accelerator.load_state(str(Path(cfg.out) / "checkpoint"))
+        accelerator.print(f"resumed at step {progress.state['step']}")
+        if progress.state.get("cap") != cap:  # other --epochs, --max-steps or processes: aim at the new cap
+            progress.state.update(horizon=cap, cap=cap)
+    return _Run(model, optimizer, train_loader, val_loader, schedule, ema, progress, steps_per_epoch, cap)
 
-    history, start = [], time.time()
-    if cfg.resume and (out / "training_card.json").exists():  # one card for the whole run, across sessions
-        history = json.loads((out / "training_card.json").read_text())["history"]
-    budget = _Budget(cfg, started, progress["step"], steps_per_epoch, len(val_loader))
-    bar = tqdm(total=progress["horizon"], initial=progress["step"], disable=not accelerator.is_main_process,
-               desc="train", dynamic_ncols=True)
-    model.train()
 
-    def end() -> int:  # horizon <= cap always: plans never pass it, and a resume to another cap resets it
-        return min(progress["horizon"], cfg.stop_after or cap)
-    while progress["step"] < end():
-        epoch, skip = divmod(progress["step"], steps_per_epoch)
-        train_loader.set_epoch(epoch)  # a new, reproducible order each epoch
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        running = []
-        for batch in loader:
-            stage = _set_stage(accelerator.unwrap_model(model), progress["step"], cfg)
-            ground = batch.pop("ground", None)
-            if ground is None:
-                loss = model(**batch).loss
-            else:
-                outputs = model(**batch, output_attentions=True)
-                loss = outputs.loss + cfg.ground_weight * grounding_loss(outputs.cross_attentions, ground)
-            accelerator.backward(loss)
-            accelerator.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress["step"] += 1
-            if ema:
-                ema.update(accelerator.unwrap_model(model), progress["step"])
-            running.append(loss.item())
-            budget.stepped()
-            if budget.due(progress["step"]):  # before schedule.step(), which sets the next step's rate from it
-                progress["horizon"] = broadcast_object_list([budget.plan(progress["step"], cap)])[0]
-                bar.total = progress["horizon"]
-            last_lr = schedule.get_last_lr()[0]  # the rate this step used
-            schedule.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(running[-50:]) / len(running[-50:]):.3f}", stage=stage)
-            if progress["step"] % cfg.checkpoint_every == 0:
-                accelerator.save_state(str(out / "checkpoint"))
-            if progress["step"] >= end():
-                break
-        eval_model = ema.model if ema else model
-        with budget.validating():
-            val_loss = _validate(eval_model, val_loader, accelerator)
-        record = {"epoch": epoch + 1, "step": progress["step"], "train_loss": sum(running) / max(len(running), 1),
-                  "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)),
-                  "minutes": (time.time() - start) / 60, "lr": last_lr}
-        record["train_perplexity"] = math.exp(min(record["train_loss"], 50))
-        history.append(record)
-        accelerator.print(json.dumps(record))
-    bar.close()
+def _train_step(cfg: TrainConfig, run: _Run, accelerator: Accelerator, batch: dict) -> tuple[float, str]:
+    """One optimizer step on `batch` at the stage its step is in; (its loss, the stage)."""
+    model = run.model
+    stage = _set_stage(accelerator.unwrap_model(model), run.progress.state["step"], cfg)
+    ground = batch.pop("ground", None)
+    if ground is None:
+        loss = model(**batch).loss
+    else:
+        outputs = model(**batch, output_attentions=True)
+        loss = outputs.loss + cfg.ground_weight * grounding_loss(outputs.cross_attentions, ground)
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.progress.state["step"] += 1
+    if run.ema:
+        run.ema.update(accelerator.unwrap_model(model), run.progress.state["step"])
+    return loss.item(), stage
+
+
+def _train_epoch(cfg: TrainConfig, run: _Run, accelerator: Accelerator, budget: _Budget, bar) -> tuple[int, list,
+                                                                                                         float]:
+    """Train from the current step to the end of its epoch or of the run; (the epoch, its losses, the last rate)."""
+    progress = run.progress.state
+    epoch, skip = divmod(progress["step"], run.steps_per_epoch)
+    run.train_loader.set_epoch(epoch)  # a new, reproducible order each epoch
+    loader = accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
+    running = []
+    for batch in loader:
+        loss, stage = _train_step(cfg, run, accelerator, batch)
+        running.append(loss)
+        budget.stepped()
+        if budget.due(progress["step"]):  # before schedule.step(), which sets the next step's rate from it
+            progress["horizon"] = broadcast_object_list([budget.plan(progress["step"], run.cap)])[0]
+            bar.total = progress["horizon"]
+        last_lr = run.schedule.get_last_lr()[0]  # the rate this step used
+        run.schedule.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(running[-50:]) / len(running[-50:]):.3f}", stage=stage)
+        if progress["step"] % cfg.checkpoint_every == 0:
+            accelerator.save_state(str(Path(cfg.out) / "checkpoint"))
+        if progress["step"] >= run.end(cfg):
+            break
+    return epoch, running, last_lr
+
+
+def _epoch_record(epoch: int, step: int, running: list, val_loss: float, start: float, last_lr: float) -> dict:
+    """One line of the training card's history."""
+    record = {"epoch": epoch + 1, "step": step, "train_loss": sum(running) / max(len(running), 1),
+              "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)),
+              "minutes": (time.time() - start) / 60, "lr": last_lr}
+    record["train_perplexity"] = math.exp(min(record["train_loss"], 50))
+    return record
+
+
+def _save(cfg: TrainConfig, run: _Run, accelerator: Accelerator, tokenizer, processor, history: list,
+          started: float) -> None:
+    """A last checkpoint, then (main process) the model folder: weights (the average, if kept), tokenizer,
+    processor and the training card."""
+    out = Path(cfg.out)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(out / "checkpoint"))
     if accelerator.is_main_process:
-        final = ema.model if ema else accelerator.unwrap_model(model)
+        final = run.ema.model if run.ema else accelerator.unwrap_model(run.model)
         final.save_pretrained(out)
         tokenizer.save_pretrained(out)
         processor.save_pretrained(out)
         card = {"config": asdict(cfg), "history": history, "final": history[-1] if history else {},
                 "parameters": sum(p.numel() for p in final.parameters()), "torch_threads": torch.get_num_threads(),
-                "steps": progress["step"], "step_cap": cap, "minutes": (_clock() - started) / 60}
+                "steps": run.progress.state["step"], "step_cap": run.cap, "minutes": (_clock() - started) / 60}
         (out / "training_card.json").write_text(json.dumps(card, indent=2))
+
+
+def main(cfg: TrainConfig) -> dict:
+    """Run training as configured; returns the metrics written to the training card."""
+    started = _clock()  # a --minutes budget counts from here: rendering and validation are part of it
+    accelerator = _accelerator(cfg)
+    set_seed(cfg.seed)
+    model, tokenizer, processor = _model_and_preprocessing(cfg)
+    train_loader, val_loader = _build_data(cfg, model, tokenizer, processor)
+    if cfg.ground_weight:  # the grounding loss reads the decoder's attention weights, which SDPA does not return
+        model.set_attn_implementation({"encoder": model.config.encoder._attn_implementation, "decoder": "eager"})
+    run = _prepare(cfg, accelerator, model, train_loader, val_loader)
+    card = Path(cfg.out) / "training_card.json"
+    history, start = [], time.time()
+    if cfg.resume and card.exists():  # one card for the whole run, across sessions
+        history = json.loads(card.read_text())["history"]
+    budget = _Budget(cfg, started, run.progress.state["step"], run.steps_per_epoch, len(run.val_loader))
+    bar = tqdm(total=run.progress.state["horizon"], initial=run.progress.state["step"],
+               disable=not accelerator.is_main_process, desc="train", dynamic_ncols=True)
+    run.model.train()
+    while run.progress.state["step"] < run.end(cfg):
+        epoch, running, last_lr = _train_epoch(cfg, run, accelerator, budget, bar)
+        with budget.validating():
+            val_loss = _validate(run.ema.model if run.ema else run.model, run.val_loader, accelerator)
+        history.append(_epoch_record(epoch, run.progress.state["step"], running, val_loss, start, last_lr))
+        accelerator.print(json.dumps(history[-1]))
+    bar.close()
+    _save(cfg, run, accelerator, tokenizer, processor, history, started)
     return history[-1] if history else {}
 
 

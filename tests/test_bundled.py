@@ -84,9 +84,9 @@ def test_bundled_model_meets_the_readme_table(bundled):
     """The full held-out evaluation (500 scenes, beam 4, default map) within 2 points of README's table, and above
     the issue's bars (exact 0.95, pointing 0.98, energy 0.65)."""
     r = evaluate(bundled, n_scenes=500, num_beams=4, progress=False)
-    assert r["exact_match"] >= max(0.95, README_EXACT_BEAM4 - 0.02), r
-    assert r["pointing_true"] >= max(0.98, README_POINTING_DEFAULT - 0.02), r
-    assert r["energy_true"] >= max(0.65, README_ENERGY_DEFAULT - 0.02), r
+    assert r.exact_match >= max(0.95, README_EXACT_BEAM4 - 0.02), r
+    assert r.pointing_true >= max(0.98, README_POINTING_DEFAULT - 0.02), r
+    assert r.energy_true >= max(0.65, README_ENERGY_DEFAULT - 0.02), r
 
 
 def test_a_photo_given_to_the_scene_model_gets_a_note_and_a_scene_does_not(bundled, tiny_dir):

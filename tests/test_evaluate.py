@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 
 import numpy as np
 import pytest
+import torch
 
 from captioner_train.evaluate import (EVAL_SEEDS_START, caption_parts, caption_scores, count_errors, errors_table,
-                                     evaluate, main, pointing_hit, token_nll, uniform_hit_rate)
-from captioner_train.pointing import (cell_coverage, energy_share, overlay_energy_share, uniform_energy_share,
-                                      uniform_overlay_share)
+                                     evaluate, main, token_nll)
+from captioner_train.pointing import (cell_coverage, energy_share, overlay_energy_share, pointing_hit,
+                                      uniform_energy_share, uniform_hit_rate, uniform_overlay_share)
+from captioner_train.report import table_rows
 from captioner_train.synthetic import IMAGE_SIZE, make_scene, write_dataset
 from conftest import torchrun
 
@@ -122,24 +125,24 @@ def test_evaluate_end_to_end(random_tiny):
     seeds = range(start, start + 3)
     out = evaluate(random_tiny, n_scenes=3, seed_start=start, progress=False, max_new_tokens=8)
     scenes = [make_scene(s) for s in seeds]
-    assert (out["scenes"], out["seed_start"], out["num_beams"], out["max_new_tokens"]) == (3, start, 1, 8)
-    assert out["objects_true"] == sum(len(s.objects) for s in scenes)
-    assert 0 <= out["objects_generated"] <= out["objects_true"]
-    assert out["words"] == sum(len(s.caption.split()) for s in scenes)
-    assert out["tokens"] > out["words"], "BPE splits words, and every caption adds an EOS"
+    assert (out.scenes, out.seed_start, out.num_beams, out.max_new_tokens) == (3, start, 1, 8)
+    assert out.objects_true == sum(len(s.objects) for s in scenes)
+    assert 0 <= out.objects_generated <= out.objects_true
+    assert out.words == sum(len(s.caption.split()) for s in scenes)
+    assert out.tokens > out.words, "BPE splits words, and every caption adds an EOS"
     for key in ("bleu4", "exact_match", "word_accuracy", "pointing_true", "pointing_true_uniform",
                 "pointing_true_random"):
-        assert 0 <= out[key] <= 1, key
-    assert out["cider"] >= 0 and out["perplexity"] >= 1
-    if out["objects_generated"] == 0:
-        assert out["pointing_generated"] is None and out["pointing_generated_uniform"] is None
-    assert json.loads(json.dumps(out)) == out, "plain JSON types only"
+        assert 0 <= getattr(out, key) <= 1, key
+    assert out.cider >= 0 and out.perplexity >= 1
+    if out.objects_generated == 0:
+        assert out.pointing_generated is None and out.pointing_generated_uniform is None
+    assert json.loads(json.dumps(asdict(out))) == asdict(out), "plain JSON types only"
 
     oracle = evaluate(random_tiny, n_scenes=3, seed_start=start, progress=False, max_new_tokens=8,
                       map_fn=oracle_maps(seeds))
-    assert oracle["pointing_true"] == 1.0, "a map that peaks on each object must always hit"
+    assert oracle.pointing_true == 1.0, "a map that peaks on each object must always hit"
     for key in ("pointing_true_uniform", "pointing_true_random", "perplexity", "bleu4"):
-        assert oracle[key] == out[key], f"{key} must not depend on the map source or the run"
+        assert getattr(oracle, key) == getattr(out, key), f"{key} must not depend on the map source or the run"
 
 
 def test_main_writes_json_and_table(random_tiny, tmp_path, capsys):
@@ -148,16 +151,36 @@ def test_main_writes_json_and_table(random_tiny, tmp_path, capsys):
     random_tiny.tokenizer.save_pretrained(model_dir)
     random_tiny.processor.save_pretrained(model_dir)
     coco = write_dataset(tmp_path / "coco", range(2), "val")
-    out = tmp_path / "metrics.json"
-    main([str(model_dir), "--scenes", "2", "--seed-start", str(short_scenes_start(random_tiny, 2)), "--beams", "1",
-          "--coco-json", str(coco), "--image-dir", str(tmp_path / "coco" / "val"), "--json-out", str(out),
-          "--no-progress", "--methods", "attention", "relevance", "--method-scenes", "2"])
+    out, md = tmp_path / "metrics.json", tmp_path / "docs" / "evaluation.md"
+    argv = [str(model_dir), "--scenes", "2", "--seed-start", str(short_scenes_start(random_tiny, 2)), "--beams", "1",
+            "--coco-json", str(coco), "--image-dir", str(tmp_path / "coco" / "val"), "--json-out", str(out),
+            "--no-progress", "--methods", "attention", "relevance", "--method-scenes", "2", "--markdown", str(md)]
+    report = main(argv)
     results = json.loads(out.read_text())
     assert len(results) == 2 and results[0]["scenes"] == 2 and results[0]["coco_images"] == 2
     assert set(results[1]["methods"]) == {"attention", "relevance"} and results[1]["method_scenes"] == 2
     assert math.isfinite(results[0]["perplexity"]) and 0 <= results[0]["coco_bleu4"] <= 1
     table = capsys.readouterr().out
     assert "| metric | greedy |" in table and "| BLEU-4 |" in table and "| COCO CIDEr |" in table
+    assert results == report.to_json()
+
+    # the Markdown file: the header line, then the very tables printed, each after what its columns mean
+    written = md.read_text()
+    first = written.splitlines()[0]
+    assert first.startswith("Machine: ") and f"torch {torch.__version__}" in first
+    assert first.endswith(f"command: `python -m captioner_train.evaluate {' '.join(argv)}`")
+    for printed in table.strip().split("\n\n")[1::2]:
+        assert f"\n\n{printed}\n" in written, printed
+    assert "Columns: the map method" in written and "Each column is one decoding setting" in written
+    rows = table_rows(written)
+    r = report.results[0]
+    assert ["BLEU-4", f"{r.bleu4:.3f}"] in rows and ["exact match", f"{r.exact_match:.1%}"] in rows
+    assert ["COCO images", str(r.coco_images)] in rows and ["perplexity (true caption + EOS)", f"{r.perplexity:.3f}"] \
+        in rows
+    relevance = report.methods["relevance"]
+    assert ["relevance", f"{relevance.pointing:.1%}", f"{relevance.energy:.3f}", f"{relevance.energy_overlay:.3f}",
+            f"{relevance.deletion_auc:.3f}", f"{relevance.deletion_auc_random:.3f}",
+            f"{relevance.rank_corr_random_weights:.2f}"] in rows
 
 
 def test_energy_counts_the_mass_on_patches_whose_centre_is_in_the_box():
@@ -218,9 +241,9 @@ def test_evaluate_reports_energy_with_its_baselines(random_tiny):
     seeds = range(start, start + 2)
     oracle = evaluate(random_tiny, n_scenes=2, seed_start=start, progress=False, max_new_tokens=8,
                       map_fn=oracle_maps(seeds))
-    assert oracle["energy_true"] == 1.0, "a single-cell map on the object's centre has all its mass inside"
-    assert 0 < oracle["energy_true_uniform"] < 0.5 and 0 < oracle["energy_true_overlay_uniform"] < 0.5
-    assert sum(sum(v[1] for v in by.values()) for part, by in oracle["errors"].items() if part == "objects") == 2
+    assert oracle.energy_true == 1.0, "a single-cell map on the object's centre has all its mass inside"
+    assert 0 < oracle.energy_true_uniform < 0.5 and 0 < oracle.energy_true_overlay_uniform < 0.5
+    assert sum(sum(v[1] for v in by.values()) for part, by in oracle.errors.items() if part == "objects") == 2
 
 
 def test_torchrun_evaluation_equals_one_process(random_tiny, tmp_path):
@@ -233,8 +256,12 @@ def test_torchrun_evaluation_equals_one_process(random_tiny, tmp_path):
     out = {}
     for n in (1, 2):
         out[n] = tmp_path / f"{n}.json"
-        torchrun(n, ["captioner.evaluate", *args, "--json-out", str(out[n])], tmp_path)
+        torchrun(n, ["captioner.evaluate", *args, "--json-out", str(out[n]), "--markdown", str(tmp_path / f"{n}.md")],
+                 tmp_path)
     one, two = json.loads(out[1].read_text()), json.loads(out[2].read_text())
+    header = (tmp_path / "2.md").read_text().splitlines()[0]
+    assert header.endswith(f"command: `torchrun --nproc_per_node 2 -m captioner.evaluate {' '.join(args)} --json-out "
+                           f"{out[2]} --markdown {tmp_path / '2.md'}`"), "the command as it was launched"
     assert (one[0]["processes"], two[0]["processes"]) == (1, 2)
     for a, b in zip(one, two):
         for key in set(a) - {"seconds_per_scene", "processes"}:

@@ -116,5 +116,5 @@ def test_compare_methods_runs_on_scenes(random_tiny):
     results = faithfulness.compare_methods(random_tiny, n_scenes=1, seed_start=3, progress=False)
     assert set(results) == {"attention", "rollout", "relevance"}
     for r in results.values():
-        assert 0 <= r["pointing"] <= 1 and r["words"] >= 1 and -1 <= r["rank_corr_random_weights"] <= 1
+        assert 0 <= r.pointing <= 1 and r.words >= 1 and -1 <= r.rank_corr_random_weights <= 1
     assert "| relevance |" in faithfulness.methods_table(results)
