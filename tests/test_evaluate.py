@@ -233,7 +233,7 @@ def test_torchrun_evaluation_equals_one_process(random_tiny, tmp_path):
     out = {}
     for n in (1, 2):
         out[n] = tmp_path / f"{n}.json"
-        torchrun(n, ["captioner.evaluate", *args, "--json-out", str(out[n])], tmp_path)
+        torchrun(n, ["captioner_train.evaluate", *args, "--json-out", str(out[n])], tmp_path)
     one, two = json.loads(out[1].read_text()), json.loads(out[2].read_text())
     assert (one[0]["processes"], two[0]["processes"]) == (1, 2)
     for a, b in zip(one, two):
