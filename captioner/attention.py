@@ -31,14 +31,14 @@ def _select(stacked: torch.Tensor, layers: list[int] | None, head: int | None) -
     return picked.mean(0) if head is None else picked[head]
 
 
-def cross_rows(cross_attentions: tuple[torch.Tensor, ...], layers=None, head=None) -> torch.Tensor:
+def cross_rows(cross: torch.Tensor, layers=None, head=None) -> torch.Tensor:
     """Each caption token's cross-attention row over all encoder tokens, (T, N), CLS key included.
 
-    cross_attentions: L tensors (1, H, T, N) from a forced pass over [start] + T caption tokens. Query row j-1
-    is the decoder state that predicted token j (row 0 sits on the start token and produces the first word),
+    cross: (L, H, T, N), recorded while decoding or from a forced pass over [start] + T caption tokens. Query row
+    j-1 is the decoder state that predicted token j (row 0 sits on the start token and produces the first word),
     so in 0-based caption positions, row k belongs to token k.
     """
-    return _select(torch.stack([a[0] for a in cross_attentions]).float(), layers, head)  # (T, N)
+    return _select(cross.float(), layers, head)  # (T, N)
 
 
 def rollout(encoder_attentions: tuple[torch.Tensor, ...], head=None) -> torch.Tensor:

@@ -8,12 +8,12 @@ import numpy as np
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from . import attention, fastdecode
-from .fastdecode import Decoded
+from . import attention
+from .decoding import Decoded, GenerationSettings, generate_batch, generate_ids
 from .forcing import forced
-from .maps import Maps, attention_maps, relevance_maps, rollout_maps
-from .decoding import GenerationSettings, generate_batch, generate_ids
 from .images import to_rgb
+from .kernels import conv1d_out_in
+from .maps import Maps, attention_maps, relevance_maps, rollout_maps
 from .layout import FULL_VIEW, encoder_layout, image_view
 from .words import group_generated, group_typed
 
@@ -80,11 +80,11 @@ class MapChoice:
 class Captioner:
     """A VisionEncoderDecoderModel with its tokenizer and image processor, loaded with eager attention so that
     attention weights exist (transformers 5's SDPA path returns none). GPT-2's Conv1D weights are laid out
-    (out, in) in memory, in place (same shape, values and state_dict): the layout `fastdecode` reads fastest."""
+    (out, in) in memory, in place (same shape, values and state_dict): the layout `kernels` reads fastest."""
 
     def __init__(self, model, tokenizer, processor, name: str):
         self.model, self.tokenizer, self.processor, self.name = model.eval(), tokenizer, processor, name
-        fastdecode.conv1d_out_in(model.decoder)
+        conv1d_out_in(model.decoder)
         self.device = next(model.parameters()).device
         self.layout = encoder_layout(model, processor)  # patch grid, prefix tokens, CLS or not, windowed or not
         self.grid = self.layout.grid  # (gh, gw)
@@ -158,11 +158,10 @@ class Captioner:
         if method == "relevance":
             return relevance_maps(self.model, enc, self.start_token_id, ids, groups, self.layout)
         if decoded is not None and decoded.cross is not None:
-            cross = tuple(decoded.cross[:, layer].transpose(0, 1)[None] for layer in range(decoded.cross.shape[1]))
-            logp = decoded.logp  # (T,); cross: L tensors (1, H, T, N)
+            cross, logp = decoded.cross, decoded.logp  # (L, H, T, N), (T,)
         else:
             f = forced(self.model, enc.last_hidden_state.detach(), self.start_token_id, ids)
-            cross, logp = f.cross_attentions, f.token_logp
+            cross, logp = f.cross, f.token_logp  # (L, H, T, N), (T,)
         fn = attention_maps if method == "attention" else rollout_maps
         return fn(cross, enc.attentions, logp, groups, self.layout, layers, head)
 

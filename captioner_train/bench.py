@@ -9,7 +9,7 @@ of the same size, and `--model` (default: `captioner.default_model()`). For each
 tokens alternate the anchor (plain `generate` from pixels on the model loaded with default SDPA attention) and
 `cap.caption(...)` on one image, and report medians, the ratio and whether the tokens were identical; the floor
 (the encoder, then 16 steps that only stream every decoder weight once through the faster kernel) and the
-kernels `fastdecode` chose on this machine; the default map method against attention for an 11-word caption
+kernels `captioner.kernels` chose on this machine; the default map method against attention for an 11-word caption
 (explain, and caption + maps) and a server-like process's peak RSS. Then: the int8 path (speed and word agreement with fp32), a word click (overlay of one word on a 1024 px image from the
 cached maps), cold start to first caption in a fresh process with its peak RSS, and batch mode in images/s.
 """
@@ -26,11 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import captioner
-from captioner import fastdecode
+from captioner import decoding, fastdecode, kernels
 from captioner.render import titled_overlay
 
 from .architecture import ModelConfig, image_processor, joined
@@ -77,8 +76,7 @@ def plain_generate(model, processor, image, num_beams: int, max_new_tokens: int 
     with torch.no_grad():  # pixel_values (1, 3, h, w) on the model's device and dtype (a GPU's fp16 too)
         out = model.generate(pixel_values=pixel_values, max_new_tokens=max_new_tokens, max_length=None,
                              num_beams=num_beams, do_sample=False, temperature=None, top_k=None, top_p=None)
-    ids, eos = out[0, 1:].tolist(), model.generation_config.eos_token_id
-    return ids[: ids.index(eos)] if eos in ids else ids
+    return decoding.until_eos(out[0, 1:].tolist(), model.generation_config.eos_token_id)
 
 
 def compare(cap, anchor, image, num_beams: int, repeats: int) -> dict:
@@ -153,10 +151,10 @@ def floor_seconds(cap, anchor, image, rows: int, repeats: int, new_tokens: int =
     """The least a caption can cost here: the anchor's encoder (SDPA, no attentions), the cross-attention keys and
     values once for the image (any decoder with a cache computes them once), then `new_tokens` steps that only
     multiply `rows` rows by every other decoder weight once (LM head included), each weight through the kernel
-    `fastdecode` chose for it, and through `F.linear` alone. Medians in seconds."""
+    `captioner.kernels` chose for it, and through `F.linear` alone. Medians in seconds."""
     weights = [w for name, m in cap.model.decoder.named_modules() if not name.endswith("crossattention.c_attn")
-               for w in [fastdecode._weight(m)] if w is not None]
-    kernels = fastdecode.kernels_for(cap.model)
+               for w in [kernels.weight(m)] if w is not None]
+    chosen_for = kernels.kernels_for(cap.model).choose
     pixel_values = cap.pixel_values(image)
     xs = {k: torch.randn(rows, k) for k in {w.shape[1] for w in weights}}
     threads = torch.get_num_threads()
@@ -169,10 +167,7 @@ def floor_seconds(cap, anchor, image, rows: int, repeats: int, new_tokens: int =
             for _ in range(new_tokens):
                 for w in weights:
                     x = xs[w.shape[1]]
-                    if chosen and kernels.choose(w, rows) == "bmm":
-                        fastdecode._bmm_split(x, w, threads)
-                    else:
-                        F.linear(x, w)
+                    kernels.product(chosen_for(w, rows) if chosen else "linear", x, w, threads)
         return time.perf_counter() - t
 
     run(True), run(False)  # warm-up (and the kernels' timing, if not done yet)
@@ -260,11 +255,11 @@ def bench_model(label: str, folder: str, image, int8_images: list, batch_images:
                     f"  {'yes' if r['same'] else 'NO':<4} {f['floor']:>7.3f} s {r['ours'] / f['floor']:>6.2f}x"
                     f"   {f['linear']:>7.3f} s  {r['tokens']:>3} tokens, {r['words']} words")
     del anchor
-    why_not = fastdecode.unsupported(cap.model, do_sample=False)
+    why_not = decoding.unsupported(cap.model, do_sample=False)
     extras.append(f"{label}: greedy and beam search decoded by " +
                   ("captioner's own loop (fastdecode)" if why_not is None else f"generate ({why_not})"))
-    extras.append(f"{label}: kernels chosen on this machine (fastdecode.Kernels):")
-    extras += [f"    {line}" for line in fastdecode.kernels_for(cap.model).summary()]
+    extras.append(f"{label}: kernels chosen on this machine (kernels.Kernels):")
+    extras += [f"    {line}" for line in kernels.kernels_for(cap.model).summary()]
     m = map_cost(cap, image, text, repeats)
     d = captioner.DEFAULT_METHOD
     extras.append(f"{label}: default map ({d}) vs attention, {len(text.split())}-word caption: explain "

@@ -36,13 +36,13 @@ def test_contract(tiny):
     assert np.allclose(js["word_maps"], res.word_maps, atol=1e-4)
 
 
-def test_trained_fixture_captions_its_images(tiny):
+def test_trained_fixture_captions_its_images(tiny, kernel):
     """The tiny model learnt its four captions, so the tests below work on real multi-token words."""
     for k, text in enumerate(CAPTIONS):
         assert tiny.caption(image_for(k), max_new_tokens=40, num_beams=1).text == text
 
 
-def test_words_group_subword_tokens(tiny):
+def test_words_group_subword_tokens(tiny, kernel):
     res = tiny.caption(image_for(0), max_new_tokens=40, method="attention")
     k = res.words.index("skateboard")
     assert len(res.word_tokens[k]) >= 2, "the BPE fixture must split 'skateboard' into several tokens"
@@ -53,7 +53,7 @@ def test_words_group_subword_tokens(tiny):
                                               rel=1e-3), "same word probability from decoding and a forced pass"
 
 
-def test_greedy_maps_equal_the_attentions_generate_returned(tiny):
+def test_greedy_maps_equal_the_attentions_generate_returned(tiny, kernel):
     """Pins the rule that query row j-1 (the state that predicted token j) gives token j's map."""
     image = image_for(1)
     res = tiny.caption(image, max_new_tokens=40, num_beams=1, method="attention")
@@ -66,7 +66,7 @@ def test_greedy_maps_equal_the_attentions_generate_returned(tiny):
         assert np.allclose(res.token_maps[j], _mean_map(rows, tiny.grid), atol=atol(tiny)), f"token {j}"
 
 
-def test_beam_search_maps_equal_a_teacher_forced_pass(tiny):
+def test_beam_search_maps_equal_a_teacher_forced_pass(tiny, kernel):
     image = image_for(2)
     res = tiny.caption(image, max_new_tokens=40, num_beams=4, method="attention")
     with torch.no_grad():
@@ -80,7 +80,7 @@ def test_beam_search_maps_equal_a_teacher_forced_pass(tiny):
         assert np.allclose(res.token_maps[j], _mean_map(rows, tiny.grid), atol=atol(tiny))
 
 
-def test_beam_search_on_random_model_matches_plain_generate(random_tiny):
+def test_beam_search_on_random_model_matches_plain_generate(random_tiny, kernel):
     """Even where beams disagree a lot (random weights), the tokens are plain generate's."""
     image = image_for(3)
     res = random_tiny.caption(image, max_new_tokens=12, num_beams=3)
@@ -91,7 +91,7 @@ def test_beam_search_on_random_model_matches_plain_generate(random_tiny):
     assert res.token_ids == (plain[:plain.index(eos)] if eos in plain else plain)
 
 
-def test_explain_of_own_caption_gives_the_same_maps(tiny):
+def test_explain_of_own_caption_gives_the_same_maps(tiny, kernel):
     image = image_for(3)
     for method in ("attention", "relevance"):
         res = tiny.caption(image, max_new_tokens=40, method=method)
@@ -110,7 +110,7 @@ def test_cls_map_is_last_layer_cls_row_mean_over_heads(tiny):
     assert np.allclose(res.cls_map, normalise(row), atol=atol(tiny, 1e-6))
 
 
-def test_pil_and_array_inputs_agree_and_input_is_not_mutated(tiny):
+def test_pil_and_array_inputs_agree_and_input_is_not_mutated(tiny, kernel):
     image = image_for(1)
     before = image.copy()
     a = tiny.caption(image)

@@ -15,7 +15,7 @@ from transformers import (BeitConfig, BertConfig, DeiTConfig, GPT2Config, MBartC
                           TrOCRConfig, ViTConfig, ViTImageProcessor, VisionEncoderDecoderModel)
 
 import captioner
-from captioner import fastdecode
+from captioner import decoding
 from captioner_train.architecture import joined
 from captioner_train.vocabulary import word_tokenizer
 from conftest import atol, free_port, image_for
@@ -123,7 +123,7 @@ def test_every_family_captions_explains_and_remaps(families, name):
             plain = reference.generate(pixel_values=cap.pixel_values(image), num_beams=4, max_new_tokens=8)
         ids = plain[0, 1:].tolist()
         ids = ids[: ids.index(cap.eos_token_id)] if cap.eos_token_id in ids else ids
-        assert fastdecode.unsupported(cap.model, False) is None
+        assert decoding.unsupported(cap.model, False) is None
         assert cap.caption(image, max_new_tokens=8, num_beams=4).token_ids == ids
 
 
