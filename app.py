@@ -62,8 +62,9 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
     def caption(image, max_new_tokens=None, num_beams=4, do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
                 seed=-1, model=None, grid=False, method=captioner.DEFAULT_METHOD, layers="all", head=-1):
         cap = loaded.get(model)
-        res = cap.caption(image, max_new_tokens, num_beams, do_sample, temperature, top_k, top_p,
-                          None if seed is None or seed < 0 else seed, **views.map_arguments(cap, method, layers, head))
+        settings = captioner.GenerationSettings(max_new_tokens, num_beams, do_sample, temperature, top_k, top_p,
+                                                None if seed is None or seed < 0 else seed)
+        res = cap.caption(image, settings, **views.map_arguments(cap, method, layers, head))
         return _publish(cap, res, grid, model)
 
     @page_errors

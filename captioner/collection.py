@@ -183,7 +183,8 @@ def caption_collection(cap, paths: list[Path], out: Path, ranks: Ranks = Ranks()
                         readable.append(path)
                     except (ValueError, OSError) as e:  # not an image, too large, unreadable: recorded, never fatal
                         errors.append({"path": str(path), "error": str(e)})
-                results = cap.caption_batch(images, max_new_tokens, num_beams) if images else []
+                results = cap.caption_batch(images, max_new_tokens=max_new_tokens, num_beams=num_beams) \
+                    if images else []
                 lines = [record(p, r, maps, overlays, index[p]) for p, r in zip(readable, results)]
                 _write_batch(out, shard, launch, ranks.rank, batch_no, lines + errors, results, maps)
                 n_done, n_failed = len(results), len(errors)

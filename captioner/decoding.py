@@ -25,7 +25,8 @@ LIMITS = {  # inclusive ranges a public Space accepts; larger values only cost o
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    max_new_tokens: int = 16
+    """How to decode a caption: beam search by default, greedy with num_beams=1, sampling with do_sample=True."""
+    max_new_tokens: int | None = None  # None: the model's own (`Captioner.default_max_new_tokens`)
     num_beams: int = 4
     do_sample: bool = False
     temperature: float = 1.0

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -202,21 +202,21 @@ class Captioner:
         return self._mapped(rgb, enc, spelling, MapChoice(method, layers, head), res.settings, res.notes,
                             {"encode": time.perf_counter() - t})
 
-    def caption(self, image, max_new_tokens: int | None = None, num_beams: int = 4, do_sample: bool = False,
-                temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, seed: int | None = None,
-                method: str | None = None, layers: list[int] | None = None, head: int | None = None
-                ) -> CaptionResult:
+    def caption(self, image, settings: GenerationSettings | None = None, method: str | None = None,
+                layers: list[int] | None = None, head: int | None = None, **overrides) -> CaptionResult:
         """Caption `image` (PIL or (H, W, 3) uint8) and map every word; any decoding mode, beam search included.
 
+        settings: how to decode (default `GenerationSettings()`: beam 4); keyword arguments named after its fields
+        override it (`caption(image, num_beams=1, max_new_tokens=20)`). max_new_tokens=None uses the model's own
+        default (`default_max_new_tokens`: 16 unless its generation config says otherwise; the bundled scene model
+        says 24, as its longest captions have 17 words).
         method: "relevance" (Chefer et al.'s gradient-weighted relevance, one batched backward pass through the
         decoder; the default, `default_method`, except for int8 models, which have no gradients), "attention"
         (raw cross-attention; CLS self-attention of the last layer) or "rollout" (pushed through the encoder's
         rolled-out self-attention); None: the default. layers: decoder layers to average for word maps and encoder
         layers for the CLS map (None: all decoder layers, the last encoder layer); head: one head or None for the mean.
-        max_new_tokens=None uses the model's own default (`default_max_new_tokens`: 16 unless its generation
-        config says otherwise; the bundled scene model says 24, as its longest captions have 17 words).
         """
-        settings = self._settings(max_new_tokens, num_beams, do_sample, temperature, top_k, top_p, seed)
+        settings = self._settings(settings, overrides)
         seconds = {}
         t = time.perf_counter()
         rgb, enc = self._encode(image)
@@ -231,13 +231,15 @@ class Captioner:
                             asdict(settings), notes, seconds, decoded)
 
     @torch.no_grad()
-    def caption_batch(self, images: list, max_new_tokens: int | None = None, num_beams: int = 4,
-                      method: str | None = None, layers: list[int] | None = None, head: int | None = None
-                      ) -> list[CaptionResult]:
+    def caption_batch(self, images: list, settings: GenerationSettings | None = None, method: str | None = None,
+                      layers: list[int] | None = None, head: int | None = None, **overrides) -> list[CaptionResult]:
         """`caption` for several images at once (greedy or beam search): one encoder pass and one decoding for
         the batch, then each image's maps from what its decoding recorded. Batched matrix products round
         differently from single ones, so a near-tie may now and then resolve to another word than `caption` picks."""
-        settings = self._settings(max_new_tokens, num_beams)
+        settings = self._settings(settings, overrides)
+        if settings.do_sample:
+            raise ValueError("caption_batch decodes by greedy or beam search; sample with caption(), one image at "
+                             "a time.")
         if not images:
             return []
         t = time.perf_counter()
@@ -259,16 +261,21 @@ class Captioner:
                                         {"encode": encode, "generate": generate}, decoded))
         return results
 
-    def _settings(self, max_new_tokens: int | None, num_beams: int, do_sample: bool = False,
-                  temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, seed: int | None = None
-                  ) -> GenerationSettings:
-        """Checked settings, max_new_tokens defaulted to the model's and capped by its position table."""
-        if max_new_tokens is None:
-            max_new_tokens = self.default_max_new_tokens
-        settings = GenerationSettings(max_new_tokens, num_beams, do_sample, temperature, top_k, top_p,
-                                      seed).checked()
-        return GenerationSettings(**{**asdict(settings), "max_new_tokens": min(settings.max_new_tokens,
-                                                                                 self.max_tokens - 1)})
+    def _settings(self, settings: GenerationSettings | None, overrides: dict) -> GenerationSettings:
+        """`settings` with keyword overrides applied, checked, max_new_tokens defaulted to the model's and capped
+        by its position table."""
+        if settings is not None and not isinstance(settings, GenerationSettings):
+            raise TypeError(f"settings must be a GenerationSettings, got {type(settings).__name__}; pass "
+                            "max_new_tokens, num_beams and the rest by keyword.")
+        unknown = sorted(set(overrides) - {f.name for f in fields(GenerationSettings)})
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {', '.join(map(repr, unknown))}; the generation settings "
+                            f"are {', '.join(f.name for f in fields(GenerationSettings))}.")
+        settings = replace(settings or GenerationSettings(), **overrides)
+        if settings.max_new_tokens is None:
+            settings = replace(settings, max_new_tokens=self.default_max_new_tokens)
+        settings = settings.checked()
+        return replace(settings, max_new_tokens=min(settings.max_new_tokens, self.max_tokens - 1))
 
     def explain(self, image, text: str, method: str | None = None, layers: list[int] | None = None,
                 head: int | None = None) -> CaptionResult:

@@ -226,13 +226,13 @@ def cold_start(folder: str, image_path: str, text: str) -> dict:
 
 def batch_figures(cap, images: list, batch_size: int = 8, num_beams: int = 4) -> dict:
     """Images per second: caption() one at a time vs caption_batch in batches of `batch_size`."""
-    cap.caption_batch(images[:2], NEW_TOKENS, num_beams)  # warm-up
+    cap.caption_batch(images[:2], max_new_tokens=NEW_TOKENS, num_beams=num_beams)  # warm-up
     t = time.perf_counter()
     one = [cap.caption(image, max_new_tokens=NEW_TOKENS, num_beams=num_beams) for image in images]
     single = time.perf_counter() - t
     t = time.perf_counter()
     batched = [r for i in range(0, len(images), batch_size)
-               for r in cap.caption_batch(images[i:i + batch_size], NEW_TOKENS, num_beams)]
+               for r in cap.caption_batch(images[i:i + batch_size], max_new_tokens=NEW_TOKENS, num_beams=num_beams)]
     many = time.perf_counter() - t
     same = float(np.mean([a.token_ids == b.token_ids for a, b in zip(one, batched)]))
     return {"single": len(images) / single, "batched": len(images) / many, "same": same, "n": len(images)}

@@ -133,6 +133,25 @@ def test_sampling_is_reproducible_and_leaves_global_rng_alone(random_tiny):
                                temperature=2.0).token_ids == c.token_ids
 
 
+def test_settings_and_their_keyword_overrides_decode_alike(random_tiny):
+    """caption(image, settings) and caption(image, **fields) are one call; keywords override the settings."""
+    settings = captioner.GenerationSettings(max_new_tokens=9, num_beams=1)
+    a = random_tiny.caption(image_for(1), settings, method="attention")
+    b = random_tiny.caption(image_for(1), max_new_tokens=9, num_beams=1, method="attention")
+    c = random_tiny.caption(image_for(1), captioner.GenerationSettings(num_beams=3), max_new_tokens=9, num_beams=1,
+                            method="attention")
+    assert a.token_ids == b.token_ids == c.token_ids and a.settings == b.settings == c.settings
+    assert a.settings["num_beams"] == 1 and a.settings["max_new_tokens"] == 9
+    assert random_tiny.caption(image_for(1), method="attention").settings["max_new_tokens"] == \
+        random_tiny.default_max_new_tokens, "max_new_tokens left out: the model's own"
+    batch = random_tiny.caption_batch([image_for(1)], settings, method="attention")
+    assert batch[0].token_ids == a.token_ids and batch[0].settings == a.settings
+    with pytest.raises(TypeError, match="keyword"):
+        random_tiny.caption(image_for(1), 9)
+    with pytest.raises(TypeError, match="beams"):
+        random_tiny.caption(image_for(1), beams=2)
+
+
 @pytest.mark.parametrize("kwargs, name", [
     ({"num_beams": 10_000}, "num_beams"), ({"num_beams": 0}, "num_beams"),
     ({"max_new_tokens": 10**6}, "max_new_tokens"), ({"temperature": -1}, "temperature"),
