@@ -86,26 +86,3 @@ def word_maps(maps: np.ndarray, groups: list[list[int]]) -> np.ndarray:
             out[w] = maps[tokens].mean(0)
     return normalise(out)
 
-
-MAX_LAYERS = 1000
-
-
-def parse_layers(spec: str | None) -> list[int] | None:
-    """A person's layer choice -> indices: "all"/"" -> None (the default), "-1" -> [-1], "0-3" -> [0, 1, 2, 3],
-    "1,4" -> [1, 4]. Raises ValueError with an example on anything else."""
-    spec = (spec or "").strip().lower()
-    if spec in ("", "all", "mean"):
-        return None
-    layers: list[int] = []
-    try:
-        for part in spec.split(","):
-            lo, sep, hi = part.strip().partition("-") if not part.strip().startswith("-") else (part.strip(), "", "")
-            bounds = (int(lo), int(hi)) if sep else (int(lo), int(lo))
-            if max(map(abs, bounds)) > MAX_LAYERS:  # before building the range: "0-400000000" is 16 GB
-                raise ValueError(f"layers {spec!r}: no model here has more than {MAX_LAYERS} layers.")
-            layers += list(range(bounds[0], bounds[1] + 1))
-    except ValueError:
-        raise ValueError(f"layers must look like 'all', '-1', '0-3' or '1,4'; got {spec!r}.") from None
-    if not layers:
-        raise ValueError(f"layers {spec!r} selects no layer; use e.g. '0-3'.")
-    return layers

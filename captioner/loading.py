@@ -107,11 +107,12 @@ def load(name_or_path: str | None = None, device: str | None = None, int8: bool 
         from .quantize import int8 as quantize_int8
         model = quantize_int8(model)
     label = model_label(name)
-    cap = Captioner(model, tokenizer, processor, name=f"{label} (int8)" if int8 else label)
+    scenes_only = None
     if local and _scenes_only(name):  # its caption of a photo is a guess, and each result says so
         size = getattr(processor, "size", None) or {}
-        cap.scenes_only, cap.photo_model = (size.get("height"), size.get("width")), HUB_MODEL
-    return cap
+        scenes_only = size.get("height"), size.get("width")
+    return Captioner(model, tokenizer, processor, name=f"{label} (int8)" if int8 else label,
+                     scenes_only=scenes_only, photo_model=HUB_MODEL if scenes_only else "")
 
 
 def _scenes_only(folder: str) -> bool:

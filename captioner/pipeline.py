@@ -24,6 +24,11 @@ EMPTY_CAPTION = "The model produced an empty caption; try beams or sampling."
 SCENES_ONLY = "This model knows only the synthetic scenes it was trained on"
 
 
+def photo_advice(photo_model: str) -> str:
+    """The last sentence of the SCENES_ONLY note: which model to load for photos."""
+    return f"For photos, load {photo_model}." if photo_model else ""
+
+
 @dataclass
 class CaptionResult:
     text: str  # the caption
@@ -82,8 +87,13 @@ class Captioner:
     attention weights exist (transformers 5's SDPA path returns none). GPT-2's Conv1D weights are laid out
     (out, in) in memory, in place (same shape, values and state_dict): the layout `kernels` reads fastest."""
 
-    def __init__(self, model, tokenizer, processor, name: str):
+    def __init__(self, model, tokenizer, processor, name: str, scenes_only: tuple[int, int] | None = None,
+                 photo_model: str = ""):
+        """scenes_only: (H, W) of the synthetic scenes the model was trained on alone (`load` reads its training
+        card), or None; a result for an image of another size then says its caption is a guess, and names
+        photo_model as the one to load for photos."""
         self.model, self.tokenizer, self.processor, self.name = model.eval(), tokenizer, processor, name
+        self.scenes_only, self.photo_model = scenes_only, photo_model
         conv1d_out_in(model.decoder)
         self.device = next(model.parameters()).device
         self.layout = encoder_layout(model, processor)  # patch grid, prefix tokens, CLS or not, windowed or not
@@ -100,18 +110,21 @@ class Captioner:
         # default to attention; every other model's to relevance
         self.int8 = any("quantized" in type(m).__module__ for m in model.modules())
         self.default_method = "attention" if self.int8 or self.layout.windowed else DEFAULT_METHOD
-        # (H, W) of the synthetic scenes this model was trained on alone, or None, and the model to suggest for
-        # photos instead (`load` reads the training card)
-        self.scenes_only: tuple[int, int] | None = None
-        self.photo_model = ""
 
     def __repr__(self) -> str:
         return f"Captioner({self.name!r}, device={self.device}, grid={self.grid})"
 
+    def method(self, method: str | None = None) -> str:
+        """The map method a call with `method` uses: None stands for this model's `default_method`."""
+        return self.default_method if method is None else method
+
     def pixel_values(self, image) -> torch.Tensor:
         """Any image the API accepts (or a list of them) -> the model's input (B, 3, h, w) on its device and dtype."""
-        images = [to_rgb(i) for i in image] if isinstance(image, list) else to_rgb(image)
-        pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]  # (B, 3, h, w)
+        return self._pixels([to_rgb(i) for i in image] if isinstance(image, list) else [to_rgb(image)])
+
+    def _pixels(self, rgbs: list[np.ndarray]) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB images, already converted -> (B, 3, h, w) on the model's device and dtype."""
+        pixel_values = self.processor(images=rgbs, return_tensors="pt")["pixel_values"]  # (B, 3, h, w)
         return pixel_values.to(self.device, self.model.dtype)
 
     def tokenize(self, text: str) -> tuple[list[int], list[list[int]]]:
@@ -128,9 +141,10 @@ class Captioner:
 
     @torch.no_grad()
     def _encode(self, image):
-        """-> (rgb (H, W, 3) uint8, encoder output with attentions (1, H, N, N) per layer)."""
+        """-> (rgb (H, W, 3) uint8, encoder output with attentions (1, H, N, N) per layer); the one conversion of
+        `image` to RGB a call makes."""
         rgb = to_rgb(image)
-        return rgb, self.model.encoder(pixel_values=self.pixel_values(rgb), output_attentions=not self.layout.windowed)
+        return rgb, self.model.encoder(pixel_values=self._pixels([rgb]), output_attentions=not self.layout.windowed)
 
     def _maps(self, enc, spelling: Spelling, how: MapChoice, decoded: Decoded | None = None) -> Maps:
         """Maps by `method` for caption tokens `ids`. decoded: what decoding recorded for these tokens; its
@@ -169,17 +183,16 @@ class Captioner:
                 seconds: dict, decoded: Decoded | None = None) -> CaptionResult:
         """The maps of `spelling` on the encoded image `rgb`, and the result that carries them."""
         t = time.perf_counter()
-        how = MapChoice(how.method or self.default_method, how.layers, how.head)
+        how = MapChoice(self.method(how.method), how.layers, how.head)
         no_cls = f"This {self.layout.model_type} encoder has no CLS token, so there is no CLS map."
         if not self.layout.has_cls and no_cls not in notes:
             notes = [*notes, no_cls]
         if self.scenes_only and tuple(rgb.shape[:2]) != self.scenes_only and not any(
                 n.startswith(SCENES_ONLY) for n in notes):
             h, w = self.scenes_only
-            notes = [*notes, f"{SCENES_ONLY} ({h}×{w} px scenes of coloured shapes); this {rgb.shape[1]}×"
-                             f"{rgb.shape[0]} px image is not one, so the caption is a guess. For photos, choose "
-                             f"{self.photo_model} in the Model menu (on the Space, or wherever the hub is "
-                             "reachable)."]
+            note = f"{SCENES_ONLY} ({h}×{w} px scenes of coloured shapes); this {rgb.shape[1]}×{rgb.shape[0]} px " \
+                   f"image is not one, so the caption is a guess. {photo_advice(self.photo_model)}"
+            notes = [*notes, note.rstrip()]
         maps = self._maps(enc, spelling, how, decoded)
         seconds["maps"] = time.perf_counter() - t
         ids, groups = spelling.ids, spelling.groups
@@ -244,7 +257,7 @@ class Captioner:
             return []
         t = time.perf_counter()
         rgbs = [to_rgb(image) for image in images]
-        pixel_values = self.pixel_values(rgbs)  # (B, 3, h, w)
+        pixel_values = self._pixels(rgbs)  # (B, 3, h, w)
         enc = self.model.encoder(pixel_values=pixel_values, output_attentions=not self.layout.windowed)
         encode = (time.perf_counter() - t) / len(rgbs)
         t = time.perf_counter()

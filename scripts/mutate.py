@@ -41,8 +41,8 @@ MUT = [
  ("overlay stretched over the whole photo despite a crop", "captioner/render.py", "    x0, y0, x1, y1 = view\n", "    x0, y0, x1, y1 = FULL_VIEW\n", "tests/test_render.py"),
  ("relevance maps with a word's tokens' gradients summed from the wrong row", "captioner/maps.py", "words = torch.stack([r_ti[w, g].sum(0)", "words = torch.stack([r_ti[w, [k + 1 for k in g]].sum(0)", "tests/test_rules.py"),
  ("/heatmap showing the previous word's map", "app.py", "        k = int(word_index)\n", "        k = max(int(word_index) - 1, 0)\n", "tests/test_app.py"),
- ("a click re-runs the model", "app.py", "        return (*_word_view(state[\"result\"], k, grid), {**state, \"word\": k})", "        state = {**state, \"result\": loaded.get(state[\"model\"]).remap(state[\"result\"])}\n        return (*_word_view(state[\"result\"], k, grid), {**state, \"word\": k})", "tests/test_app.py"),
- ("the grid checkbox re-maps", "app.py", "        return _pictures(state[\"result\"], state[\"word\"], grid)", "        return _pictures(loaded.get(state[\"model\"]).remap(state[\"result\"]), state[\"word\"], grid)", "tests/test_app.py"),
+ ("a click re-runs the model", "app.py", "        return (*views.word_view(state[\"result\"], k, grid), {**state, \"word\": k})", "        state = {**state, \"result\": loaded.get(state[\"model\"]).remap(state[\"result\"])}\n        return (*views.word_view(state[\"result\"], k, grid), {**state, \"word\": k})", "tests/test_app.py"),
+ ("the grid checkbox re-maps", "app.py", "        return views.pictures(state[\"result\"], state[\"word\"], grid)", "        return views.pictures(loaded.get(state[\"model\"]).remap(state[\"result\"]), state[\"word\"], grid)", "tests/test_app.py"),
 ]
 only = sys.argv[1:]
 rows = []
