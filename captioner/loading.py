@@ -17,7 +17,7 @@ from .pipeline import Captioner
 
 HUB_MODEL = "nlpconnect/vit-gpt2-image-captioning"
 BUNDLED_MODEL = str(Path(__file__).resolve().parent.parent / "assets" / "model")
-_EAGER = {"encoder": "eager", "decoder": "eager"}  # SDPA returns no attention weights in transformers 5
+EAGER = {"encoder": "eager", "decoder": "eager"}  # attn_implementation with attention weights (SDPA returns none)
 
 
 def _cached(repo_id: str) -> bool:
@@ -95,7 +95,7 @@ def load(name_or_path: str | None = None, device: str | None = None, int8: bool 
         raise ValueError(f"int8 quantisation runs on the CPU only; load with device='cpu', not {device!r}.")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     try:
-        model = VisionEncoderDecoderModel.from_pretrained(name, attn_implementation=_EAGER, dtype=dtype, **kwargs)
+        model = VisionEncoderDecoderModel.from_pretrained(name, attn_implementation=EAGER, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         processor = AutoImageProcessor.from_pretrained(name, **kwargs)
     except OSError as e:

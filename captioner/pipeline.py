@@ -55,15 +55,19 @@ class CaptionResult:
     def grid(self) -> tuple[int, int]:
         return tuple(self.cls_map.shape)
 
-    def to_json(self) -> dict:
-        """Plain JSON types (maps as nested lists), as the API returns it."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "image"}  # no image copy
-        out["view"] = list(self.view)
-        for key in ("word_maps", "cls_map", "token_maps"):
-            out[key] = np.round(out[key], 4).tolist()
-        out["caption"] = out["text"]
-        out["grid"] = list(self.grid)
-        return out
+    def to_json(self, keys: tuple[str, ...] | None = None) -> dict:
+        """Plain JSON types, as the API returns it: maps as nested lists rounded to 4 decimals, every field but the
+        image (no copy of it), plus "caption" (== text) and "grid". keys: only these, in this order (a collection's
+        JSON line takes a few; maps left out are never converted)."""
+        keys = keys or (*(f.name for f in fields(self) if f.name != "image"), "caption", "grid")
+        return {key: self._json_value(key) for key in keys}
+
+    def _json_value(self, key: str):
+        if key in ("word_maps", "cls_map", "token_maps"):
+            return np.round(getattr(self, key), 4).tolist()  # (W, gh, gw), (gh, gw), (T, gh, gw) as lists
+        if key in ("view", "grid", "image_size"):
+            return list(getattr(self, key))
+        return self.text if key == "caption" else getattr(self, key)
 
 
 @dataclass(frozen=True)
