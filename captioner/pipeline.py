@@ -118,7 +118,7 @@ class Captioner:
     def __repr__(self) -> str:
         return f"Captioner({self.name!r}, device={self.device}, grid={self.grid})"
 
-    def method(self, method: str | None = None) -> str:
+    def resolve_method(self, method: str | None = None) -> str:
         """The map method a call with `method` uses: None stands for this model's `default_method`."""
         return self.default_method if method is None else method
 
@@ -187,7 +187,7 @@ class Captioner:
                 seconds: dict, decoded: Decoded | None = None) -> CaptionResult:
         """The maps of `spelling` on the encoded image `rgb`, and the result that carries them."""
         t = time.perf_counter()
-        how = MapChoice(self.method(how.method), how.layers, how.head)
+        how = MapChoice(self.resolve_method(how.method), how.layers, how.head)
         no_cls = f"This {self.layout.model_type} encoder has no CLS token, so there is no CLS map."
         if not self.layout.has_cls and no_cls not in notes:
             notes = [*notes, no_cls]

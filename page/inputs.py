@@ -96,6 +96,6 @@ def map_arguments(cap: Captioner, method: str | None, layers: str | None, head: 
     stands for the model's own default (attention for a Swin encoder or an int8 model, which cannot compute
     relevance); layers and head, hidden on the page for relevance (it weighs every layer and head itself), are
     dropped there."""
-    method = cap.method(None if method in (None, "", DEFAULT_METHOD) else method)
+    method = cap.resolve_method(None if method in (None, "", DEFAULT_METHOD) else method)
     how = dict(method=method, layers=parse_layers(layers), head=None if head is None or head < 0 else int(head))
     return dict(method=method) if method == "relevance" else how
