@@ -9,13 +9,14 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from gradio_inputs import (image_input, on_gpu, page_errors, setting, whole_number,  # first: it imports `spaces`
-                          write_output_images_atomically)
+from page.serving import on_gpu, page_errors, write_output_images_atomically  # first: it imports `spaces`
 
 import gradio as gr
 
 import captioner
-from captioner import images, views
+from captioner import images
+from page import views
+from page.inputs import image_input, map_arguments, setting, whole_number
 
 EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "assets" / "examples").glob("*.*") if p.suffix != ".md")
 COLOURS = {views.SELECTED: "#fde047", views.SURE: "#86efac", views.LIKELY: "#bfdbfe", views.UNSURE: "#fecaca"}
@@ -44,7 +45,7 @@ def _publish(cap: captioner.Captioner, res: captioner.CaptionResult, grid: bool,
              toast: bool = True):
     """Everything a caption shows; the state keeps the (display-sized) result, its model and the selected word.
     toast: the result's notes also pop up (not again when only the maps of the same caption change)."""
-    res = views.for_page(res)
+    res = views.for_page(res, cap)
     for note in res.notes if toast else ():  # also at the top of the summary; a toast is hard to miss
         gr.Warning(note)
     return (*views.pictures(res, 0, grid), res.to_json(), views.summary(res, cap.device),
@@ -60,24 +61,24 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
     @page_errors
     @on_gpu
     def caption(image, max_new_tokens=None, num_beams=4, do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
-                seed=-1, model=None, grid=False, method=captioner.DEFAULT_METHOD, layers="all", head=-1):
+                seed=-1, model=None, grid=False, method=None, layers="all", head=-1):
         cap = loaded.get(model)
-        res = cap.caption(image, max_new_tokens, num_beams, do_sample, temperature, top_k, top_p,
-                          None if seed is None or seed < 0 else seed, **views.map_arguments(cap, method, layers, head))
+        settings = captioner.GenerationSettings(max_new_tokens, num_beams, do_sample, temperature, top_k, top_p,
+                                                None if seed is None or seed < 0 else seed)
+        res = cap.caption(image, settings, **map_arguments(cap, method, layers, head))
         return _publish(cap, res, grid, model)
 
     @page_errors
     @on_gpu
-    def explain(image, text, model=None, grid=False, method=captioner.DEFAULT_METHOD, layers="all", head=-1):
+    def explain(image, text, model=None, grid=False, method=None, layers="all", head=-1):
         cap = loaded.get(model)
-        return _publish(cap, cap.explain(image, text, **views.map_arguments(cap, method, layers, head)), grid, model)
+        return _publish(cap, cap.explain(image, text, **map_arguments(cap, method, layers, head)), grid, model)
 
     @page_errors
     @on_gpu
-    def heatmap(image, text, word_index=0, model=None, grid=False, method=captioner.DEFAULT_METHOD, layers="all",
-                head=-1):
+    def heatmap(image, text, word_index=0, model=None, grid=False, method=None, layers="all", head=-1):
         cap = loaded.get(model)
-        res = cap.explain(image, text, **views.map_arguments(cap, method, layers, head))
+        res = cap.explain(image, text, **map_arguments(cap, method, layers, head))
         if not 0 <= int(word_index) < len(res.words):
             raise ValueError(f"word_index must be between 0 and {len(res.words) - 1} for a {len(res.words)}-word "
                              "caption.")
@@ -91,7 +92,7 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
         if state is None:  # nothing on the page yet: the choice applies to the next caption
             return (gr.skip(),) * 7
         cap = loaded.get(state["model"])
-        return _publish(cap, cap.remap(state["result"], **views.map_arguments(cap, method, layers, head)), grid,
+        return _publish(cap, cap.remap(state["result"], **map_arguments(cap, method, layers, head)), grid,
                         state["model"], toast=False)
 
     def on_select(state, grid, evt: gr.SelectData):
@@ -133,7 +134,7 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
                                       info="attention: raw cross-attention · rollout: through the ViT's "
                                       "mixing · relevance: gradient-weighted (Chefer et al.)")
                     with gr.Row():
-                        shown = captioner.DEFAULT_METHOD != "relevance"  # relevance weighs every layer and head
+                        shown = method.value != "relevance"  # relevance weighs every layer and head itself
                         layers = gr.Textbox("all", label="Layers", info="all, -1, 0-3 or 1,4", visible=shown)
                         head = whole_number("head", value=-1, label="Head", info="-1 = mean of all heads",
                                             visible=shown)
@@ -182,5 +183,5 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
 
 
 if __name__ == "__main__":
-    # refuse oversized uploads at the door, before Gradio writes them to disk (read_image would refuse them later)
+    # refuse oversized uploads at the door, before Gradio writes them to disk (open_image would refuse them later)
     build_demo().launch(theme=gr.themes.Soft(), max_file_size=images.MAX_FILE_BYTES)

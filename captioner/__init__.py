@@ -3,6 +3,7 @@
     import captioner
     cap = captioner.load()                       # the default model for this machine
     res = cap.caption(image)                     # res.text, res.words, res.word_maps, res.cls_map
+    res = cap.caption(image, num_beams=1)        # any GenerationSettings field, or settings=GenerationSettings(...)
     res = cap.explain(image, "a dog on a bed")   # the same for a caption you give
 """
 from .decoding import GenerationSettings

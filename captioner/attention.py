@@ -31,14 +31,14 @@ def _select(stacked: torch.Tensor, layers: list[int] | None, head: int | None) -
     return picked.mean(0) if head is None else picked[head]
 
 
-def cross_rows(cross_attentions: tuple[torch.Tensor, ...], layers=None, head=None) -> torch.Tensor:
+def cross_rows(cross: torch.Tensor, layers=None, head=None) -> torch.Tensor:
     """Each caption token's cross-attention row over all encoder tokens, (T, N), CLS key included.
 
-    cross_attentions: L tensors (1, H, T, N) from a forced pass over [start] + T caption tokens. Query row j-1
-    is the decoder state that predicted token j (row 0 sits on the start token and produces the first word),
+    cross: (L, H, T, N), recorded while decoding or from a forced pass over [start] + T caption tokens. Query row
+    j-1 is the decoder state that predicted token j (row 0 sits on the start token and produces the first word),
     so in 0-based caption positions, row k belongs to token k.
     """
-    return _select(torch.stack([a[0] for a in cross_attentions]).float(), layers, head)  # (T, N)
+    return _select(cross.float(), layers, head)  # (T, N)
 
 
 def rollout(encoder_attentions: tuple[torch.Tensor, ...], head=None) -> torch.Tensor:
@@ -86,26 +86,3 @@ def word_maps(maps: np.ndarray, groups: list[list[int]]) -> np.ndarray:
             out[w] = maps[tokens].mean(0)
     return normalise(out)
 
-
-MAX_LAYERS = 1000
-
-
-def parse_layers(spec: str | None) -> list[int] | None:
-    """A person's layer choice -> indices: "all"/"" -> None (the default), "-1" -> [-1], "0-3" -> [0, 1, 2, 3],
-    "1,4" -> [1, 4]. Raises ValueError with an example on anything else."""
-    spec = (spec or "").strip().lower()
-    if spec in ("", "all", "mean"):
-        return None
-    layers: list[int] = []
-    try:
-        for part in spec.split(","):
-            lo, sep, hi = part.strip().partition("-") if not part.strip().startswith("-") else (part.strip(), "", "")
-            bounds = (int(lo), int(hi)) if sep else (int(lo), int(lo))
-            if max(map(abs, bounds)) > MAX_LAYERS:  # before building the range: "0-400000000" is 16 GB
-                raise ValueError(f"layers {spec!r}: no model here has more than {MAX_LAYERS} layers.")
-            layers += list(range(bounds[0], bounds[1] + 1))
-    except ValueError:
-        raise ValueError(f"layers must look like 'all', '-1', '0-3' or '1,4'; got {spec!r}.") from None
-    if not layers:
-        raise ValueError(f"layers {spec!r} selects no layer; use e.g. '0-3'.")
-    return layers

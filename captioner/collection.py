@@ -30,6 +30,7 @@ from .distributed import Ranks
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 MAP_FORMATS = ("npz", "json", "none")  # maps beside the JSONL, nested lists inside it, or no maps
+LINE_KEYS = ("caption", "words", "word_probs", "grid", "image_size", "model", "settings")  # of CaptionResult.to_json
 
 
 def image_paths(paths: list[str]) -> list[Path]:
@@ -98,14 +99,12 @@ def _write_overlays(res, folder: Path) -> tuple[list[str], str]:
 def record(path: Path, res, maps: str = "npz", overlays: Path | None = None, index: int = 0) -> dict:
     """The JSON line for one captioned image (maps="json" puts the maps in it as nested lists; "npz" leaves that
     to `_write_batch`)."""
-    line = {"path": str(path), "caption": res.text, "words": res.words,
-            "word_probs": [round(p, 6) for p in res.word_probs], "grid": list(res.grid),
-            "image_size": list(res.image_size), "model": res.model, "settings": res.settings}
+    line = {"path": str(path), **res.to_json(LINE_KEYS)}
+    line["word_probs"] = [round(p, 6) for p in res.word_probs]  # a million lines: six decimals are plenty
     if res.notes:  # e.g. a photo given to the scene model
         line["notes"] = res.notes
     if maps == "json":
-        line["word_maps"] = np.round(res.word_maps, 4).tolist()
-        line["cls_map"] = np.round(res.cls_map, 4).tolist()
+        line.update(res.to_json(("word_maps", "cls_map")))
     if overlays is not None:
         line["overlays"], line["cls_overlay"] = _write_overlays(res, overlays / f"{index:05d}_{path.stem}")
     return line
@@ -186,7 +185,8 @@ def _caption_paths(cap, paths: list[Path], index: dict[Path, int], settings: Col
             readable.append(path)
         except (ValueError, OSError) as e:  # not an image, too large, unreadable: recorded, never fatal
             errors.append({"path": str(path), "error": str(e)})
-    results = cap.caption_batch(images, settings.max_new_tokens, settings.num_beams) if images else []
+    results = cap.caption_batch(images, max_new_tokens=settings.max_new_tokens,
+                                num_beams=settings.num_beams) if images else []
     lines = [record(p, r, settings.maps, settings.overlays, index[p]) for p, r in zip(readable, results)]
     return lines + errors, results
 

@@ -1,6 +1,6 @@
 """Greedy and beam-search decoding for ViT + GPT-2 captioners: the tokens `generate` gives, in less time, together
 with the cross-attention and log-probability that produced each token (so a caption needs no second pass for its
-attention maps).
+attention maps). `decoding` decides when this loop reproduces `generate` and cuts its output at EOS.
 
 Why a loop of our own: `generate` expands the encoder output to one copy per beam, computes every layer's
 cross-attention keys and values on each copy, and reorders all of them every step, though all beams of an image
@@ -8,14 +8,7 @@ read the same encoder output. Here each layer's cross-attention K/V are computed
 the beams of an image are the query rows of one attention call against them. Only the small self-attention cache
 follows the beams. Each step also keeps its cross-attention probabilities and log-probabilities per row, with the
 row each beam came from, so the winning caption's own attention is read back at the end by following those links.
-
-Why the products are chosen at run time: decoding multiplies a few rows (the beams) by every weight matrix, so it
-is bound by how fast the weights stream from memory, and which kernel streams fastest depends on the CPU, its BLAS
-and the number of rows: on one 2-core Xeon `F.linear` read GPT-2's LM head at 23 GB/s and a bmm split at 8.6; on a
-2-core EPYC the same pair gave 3.1 and 10.6 GB/s with 4 rows (README, Performance). `Kernels` times
-both candidates on the model's own weights the first time a decoding step multiplies a given weight shape by a
-given number of rows, and keeps the faster for the process. GPT-2's `Conv1D` weights are laid out (out, in) in
-memory once (`conv1d_out_in`: same shape, values and state_dict, no extra memory), the layout both candidates read.
+Every product with a weight goes through `kernels` (the kernel timed fastest on this machine).
 
 The bookkeeping is a transcription of transformers 5.23's `_beam_search` (top 2*beams continuations, finished
 hypotheses scored by sum(logp) / length**length_penalty, its early-stopping heuristic) and of greedy `_sample`,
@@ -25,163 +18,15 @@ submodules (`c_attn`, `q_attn`, `c_proj`, `mlp`, layer norms); layers that are n
 """
 from __future__ import annotations
 
-import os
-import time
-import weakref
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import GPT2LMHeadModel
-from transformers.pytorch_utils import Conv1D
 
-# Generation-config fields that add a logits processor or stopping rule when set. The fast path reproduces
-# plain greedy and beam search only, so any of these set to something else sends decoding back to `generate`.
-NEUTRAL = {
-    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
-    "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "min_length": (None, 0),
-    "min_new_tokens": (None, 0), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
-    "exponential_decay_length_penalty": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
-    "sequence_bias": (None,), "guidance_scale": (None, 1.0), "renormalize_logits": (None, False),
-    "remove_invalid_values": (None, False), "watermarking_config": (None,), "max_time": (None,),
-    "stop_strings": (None,), "num_beam_groups": (None, 1), "diversity_penalty": (None, 0.0),
-    "low_memory": (None, False), "token_healing": (None, False), "penalty_alpha": (None, 0.0),
-    "dola_layers": (None,), "constraints": (None,), "force_words_ids": (None,), "use_mtp": (None, False),
-    "prompt_lookup_num_tokens": (None,), "assistant_early_exit": (None,), "speculation_type": (None,),
-}
+from .kernels import kernels_for
 
-
-def unsupported(model, do_sample: bool) -> str | None:
-    """Why the fast path cannot reproduce `model.generate` for these settings, or None when it can."""
-    if do_sample:
-        return "sampling"
-    if not isinstance(getattr(model, "decoder", None), GPT2LMHeadModel):
-        return f"decoder is {type(getattr(model, 'decoder', None)).__name__}, not GPT-2"
-    if not model.decoder.config.add_cross_attention:
-        return "decoder has no cross-attention"
-    gen = model.generation_config
-    for name, neutral in NEUTRAL.items():
-        if getattr(gen, name, None) not in neutral:
-            return f"generation config sets {name}"
-    eos = gen.eos_token_id
-    if isinstance(eos, list) and len(eos) != 1:
-        return "several EOS tokens"
-    return None
-
-
-def conv1d_out_in(model: nn.Module) -> nn.Module:
-    """Store every transformers `Conv1D` weight (in, out) as the transpose of a contiguous (out, in) tensor, in
-    place: same shape, values and state_dict (checkpoints stay GPT-2's), the memory layout `_linear` streams
-    fastest. Returns model."""
-    for module in model.modules():
-        if isinstance(module, Conv1D) and module.weight.is_contiguous():
-            w = module.weight
-            module.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
-    return model
-
-
-KERNELS = ("linear", "bmm")  # F.linear on (out, in) weights; the bmm split below
-
-
-def _weight(layer: nn.Module) -> torch.Tensor | None:
-    """The float weight (out, in), contiguous, of an nn.Linear or a re-laid Conv1D; None for anything else (int8
-    layers, a Conv1D still stored (in, out)), which is then simply called."""
-    w = layer.weight if type(layer) is nn.Linear else layer.weight.t() if type(layer) is Conv1D else None
-    return w if w is not None and w.is_floating_point() and w.is_contiguous() else None
-
-
-def _bmm_split(x: torch.Tensor, w: torch.Tensor, threads: int) -> torch.Tensor:
-    """x (M, K) @ w (N, K)^T -> (M, N), as one block of output rows per thread (bmm parallelises over blocks), the
-    rows that do not divide evenly over the threads (vocab 50257) in one product of their own."""
-    (N, K), M = w.shape, x.shape[0]
-    n = N - N % threads
-    out = torch.bmm(w[:n].view(threads, n // threads, K), x.t().expand(threads, K, M)).view(n, M)  # (n, M)
-    if n < N:
-        out = torch.cat((out, w[n:] @ x.t()))  # (N, M)
-    return out.t().contiguous()  # (M, N)
-
-
-class Kernels:
-    """For each (weight shape, number of rows, threads): the faster of `F.linear` and the bmm split on this machine.
-
-    The first product of a shape and row count times both candidates over all of the model's weights of that
-    shape (so the weights stream from memory as in decoding, not from cache), best of 3 each, and keeps the faster
-    for the life of the model; the bmm split must win by 5 % to replace the stock kernel. GPUs use `F.linear`.
-    force ("linear" or "bmm", or $CAPTIONER_KERNEL) skips the timing: for tests and comparisons.
-    """
-
-    def __init__(self, model: nn.Module, force: str | None = None):
-        self.force = force or os.environ.get("CAPTIONER_KERNEL") or None
-        if self.force not in (None, *KERNELS):
-            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.force!r}.")
-        self.by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}  # (N, K) -> the weights of that shape
-        for module in model.modules():
-            w = _weight(module)
-            if w is not None:
-                self.by_shape.setdefault(tuple(w.shape), []).append(w)
-        self.chosen: dict[tuple[int, int, int, int], tuple[str, dict[str, float]]] = {}  # key -> (kernel, GB/s)
-
-    def linear(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-        """layer(x) for a few rows x (M, K) -> (M, N), by the kernel chosen for this shape and M."""
-        w = _weight(layer)
-        if w is None:
-            return layer(x)
-        kernel = self.force or self.choose(w, x.shape[0])
-        out = F.linear(x, w) if kernel == "linear" else _bmm_split(x, w, torch.get_num_threads())
-        return out if layer.bias is None else out.add_(layer.bias)
-
-    def choose(self, w: torch.Tensor, rows: int) -> str:
-        if w.device.type != "cpu":
-            return "linear"
-        key = (*w.shape, rows, torch.get_num_threads())
-        if key not in self.chosen:
-            self.chosen[key] = self._time(w, rows)
-        return self.chosen[key][0]
-
-    def _time(self, w: torch.Tensor, rows: int) -> tuple[str, dict[str, float]]:
-        weights = self.by_shape.get(tuple(w.shape), [w])
-        x = torch.randn(rows, w.shape[1], dtype=w.dtype)
-        threads = torch.get_num_threads()
-        run = {"linear": lambda m: F.linear(x, m), "bmm": lambda m: _bmm_split(x, m, threads)}
-        best = {name: float("inf") for name in run}
-        with torch.inference_mode():
-            for name in run:  # warm-up
-                run[name](weights[0])
-            for _ in range(3):
-                for name, fn in run.items():  # alternate, so neither always finds the other's data in cache
-                    t = time.perf_counter()
-                    for m in weights:
-                        fn(m)
-                    best[name] = min(best[name], time.perf_counter() - t)
-        nbytes = sum(m.numel() * m.element_size() for m in weights)
-        speed = {name: nbytes / seconds / 1e9 for name, seconds in best.items()}  # GB/s
-        return ("bmm" if best["bmm"] < 0.95 * best["linear"] else "linear"), speed
-
-    def summary(self) -> list[str]:
-        """One line per choice made so far: shape, rows, threads, kernel, and both candidates' GB/s."""
-        return [f"{n}x{k} weight, {m} row{'s' if m > 1 else ''}, {t} threads: {kernel} "
-                f"({', '.join(f'{name} {v:.1f} GB/s' for name, v in speed.items())})"
-                for (n, k, m, t), (kernel, speed) in sorted(self.chosen.items())]
-
-
-_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its Kernels
-
-
-def kernels_for(model: nn.Module) -> Kernels:
-    """The model's `Kernels`, made once per model (its timings are kept with it)."""
-    if model not in _KERNELS:
-        _KERNELS[model] = Kernels(model.decoder if hasattr(model, "decoder") else model)
-    return _KERNELS[model]
-
-
-@dataclass
-class Decoded:
-    """One caption as decoding produced it."""
-    ids: list[int]  # caption tokens after the start token, cut before the first EOS
-    cross: torch.Tensor | None  # (T, L, H, N) cross-attention of the query that produced each token; None: unknown
-    logp: torch.Tensor | None  # (T,) log-probability of each token when it was chosen; None: unknown
-
+# Per image, as decoding left it: (tokens after the start token, EOS and anything after it included;
+# cross-attention (L, H, T, N) of the query that produced each token; log-probability (T,) of each token)
+Steps = tuple[list[int], torch.Tensor, torch.Tensor]
 
 @torch.no_grad()
 def cross_keys_values(model, encoder_hidden: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
@@ -259,17 +104,12 @@ class _GPT2Steps:
             cache[:R, :, :t] = cache[rows, :, :t]  # (R, H, t, hd); advanced indexing copies before the write
 
 
-def _cut(ids: list[int], cross: torch.Tensor, logp: torch.Tensor, eos_token_id: int) -> Decoded:
-    n = ids.index(eos_token_id) if eos_token_id in ids else len(ids)
-    return Decoded(ids[:n], cross[:n], logp[:n])
-
-
 @torch.inference_mode()
 def greedy(model, encoder_hidden: torch.Tensor, max_new_tokens: int, start_token_id: int, eos_token_id: int,
-           cross: list | None = None) -> list[Decoded]:
-    """Greedy captions for a batch of encoder outputs (B, N, D): per image the tokens after the start token, cut
-    before the first EOS, with their attention and log-probabilities. cross: `cross_keys_values` of these outputs,
-    if already computed."""
+           cross: list | None = None) -> list[Steps]:
+    """Greedy captions for a batch of encoder outputs (B, N, D): per image the tokens after the start token (all
+    steps; a row that met EOS ran on until every row had), with their attention and log-probabilities. cross:
+    `cross_keys_values` of these outputs, if already computed."""
     B = encoder_hidden.shape[0]
     steps = _GPT2Steps(model, cross or cross_keys_values(model, encoder_hidden), B, max_new_tokens)
     ids = torch.full((B,), start_token_id, dtype=torch.long, device=encoder_hidden.device)
@@ -284,17 +124,17 @@ def greedy(model, encoder_hidden: torch.Tensor, max_new_tokens: int, start_token
         if not unfinished.any():
             break
     tokens = torch.stack(out, 1).tolist()  # (B, steps)
-    attn, logp = torch.stack(steps.attn, 1), torch.stack(logps, 1)  # (B, steps, L, H, N), (B, steps)
-    return [_cut(row, attn[b], logp[b], eos_token_id) for b, row in enumerate(tokens)]
+    attn, logp = torch.stack(steps.attn, 3), torch.stack(logps, 1)  # (B, L, H, steps, N), (B, steps)
+    return [(row, attn[b], logp[b]) for b, row in enumerate(tokens)]
 
 
 @torch.inference_mode()
 def beam_search(model, encoder_hidden: torch.Tensor, max_new_tokens: int, num_beams: int, start_token_id: int,
                 eos_token_id: int, length_penalty: float = 1.0, early_stopping: bool | str = False,
-                cross: list | None = None) -> list[Decoded]:
+                cross: list | None = None) -> list[Steps]:
     """The best beam per image for a batch of encoder outputs (B, N, D), as `generate(num_beams=...)` picks it:
-    tokens after the start token, cut before the first EOS, with the attention and log-probability of the beam
-    rows that produced them. cross: as for `greedy`."""
+    tokens after the start token (its EOS included, when it ended by one), with the attention and log-probability
+    of the beam rows that produced them. cross: as for `greedy`."""
     B, nb, device = encoder_hidden.shape[0], num_beams, encoder_hidden.device
     K = 2 * nb  # continuations kept per step: enough that nb survive even if nb of them end in EOS
     max_length = 1 + max_new_tokens  # the start token is the decoder prompt
@@ -362,7 +202,7 @@ def beam_search(model, encoder_hidden: torch.Tensor, max_new_tokens: int, num_be
         for s in range(len(tokens) - 1, 0, -1):
             rows.append(int(parents[s][rows[-1]]))
         rows.reverse()
-        cross = torch.stack([steps.attn[s][r] for s, r in enumerate(rows)])  # (T, L, H, N)
+        cross = torch.stack([steps.attn[s][r] for s, r in enumerate(rows)], 2)  # (L, H, T, N)
         logp = torch.stack([logps[s][r, tok] for s, (r, tok) in enumerate(zip(rows, tokens))])  # (T,)
-        results.append(_cut(tokens, cross, logp, eos_token_id))
+        results.append((tokens, cross, logp))
     return results

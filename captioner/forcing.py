@@ -32,7 +32,7 @@ def token_log_probs(logits: torch.Tensor, decoder_input_ids: torch.Tensor, then:
 
 @dataclass
 class Forced:
-    cross_attentions: tuple[torch.Tensor, ...]  # L tensors (1, H, T, N): row k looked while writing token k
+    cross: torch.Tensor  # (L, H, T, N) cross-attention: row k looked while writing token k
     token_logp: torch.Tensor  # (T,) log-probability of each caption token
 
 
@@ -41,5 +41,5 @@ def forced(model, encoder_hidden: torch.Tensor, start_token_id: int, ids: list[i
     """One forced pass of `model`'s decoder over caption tokens `ids` for one image's encoder output (1, N, D)."""
     decoder_input_ids = decoder_input(start_token_id, ids, encoder_hidden.device)  # (1, T+1)
     out = model(encoder_outputs=(encoder_hidden,), decoder_input_ids=decoder_input_ids, output_attentions=True)
-    cross = tuple(a[:, :, :-1] for a in out.cross_attentions)  # (1, H, T, N) each: the last row predicts nothing
+    cross = torch.stack([a[0, :, :-1] for a in out.cross_attentions])  # (L, H, T, N): the last row predicts nothing
     return Forced(cross, token_log_probs(out.logits, decoder_input_ids)[0])

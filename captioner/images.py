@@ -89,6 +89,13 @@ def to_rgb(image) -> np.ndarray:
 
 def read_image(source: str | Path | bytes) -> np.ndarray:
     """Decode an image file or its bytes -> (H, W, 3) uint8 RGB, with a message a person understands on failure."""
+    return to_rgb(open_image(source))
+
+
+def open_image(source: str | Path | bytes) -> Image.Image:
+    """Decode an image file or its bytes -> a loaded PIL image, refused (ValueError saying why) before decoding when
+    it is too large, not an image, or damaged. `to_rgb` makes it the (H, W, 3) uint8 RGB the library reads; a
+    caller that hands it to `Captioner` leaves that to the captioner, so it is converted once."""
     if isinstance(source, bytes):
         data = source
     else:
@@ -120,4 +127,4 @@ def read_image(source: str | Path | bytes) -> np.ndarray:
     except (OSError, SyntaxError) as e:  # truncated or corrupt data
         raise ValueError(f"The image file is damaged or truncated ({e}). Re-save or re-export it and try again.") \
             from None
-    return to_rgb(img)
+    return img

@@ -17,7 +17,7 @@ from .pipeline import Captioner
 
 HUB_MODEL = "nlpconnect/vit-gpt2-image-captioning"
 BUNDLED_MODEL = str(Path(__file__).resolve().parent.parent / "assets" / "model")
-_EAGER = {"encoder": "eager", "decoder": "eager"}  # SDPA returns no attention weights in transformers 5
+EAGER = {"encoder": "eager", "decoder": "eager"}  # attn_implementation with attention weights (SDPA returns none)
 
 
 def _cached(repo_id: str) -> bool:
@@ -95,7 +95,7 @@ def load(name_or_path: str | None = None, device: str | None = None, int8: bool 
         raise ValueError(f"int8 quantisation runs on the CPU only; load with device='cpu', not {device!r}.")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     try:
-        model = VisionEncoderDecoderModel.from_pretrained(name, attn_implementation=_EAGER, dtype=dtype, **kwargs)
+        model = VisionEncoderDecoderModel.from_pretrained(name, attn_implementation=EAGER, dtype=dtype, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         processor = AutoImageProcessor.from_pretrained(name, **kwargs)
     except OSError as e:
@@ -108,11 +108,12 @@ def load(name_or_path: str | None = None, device: str | None = None, int8: bool 
         from .quantize import int8 as quantize_int8
         model = quantize_int8(model)
     label = model_label(name)
-    cap = Captioner(model, tokenizer, processor, name=f"{label} (int8)" if int8 else label)
+    scenes_only = None
     if local and _scenes_only(name):  # its caption of a photo is a guess, and each result says so
         size = getattr(processor, "size", None) or {}
-        cap.scenes_only, cap.photo_model = (size.get("height"), size.get("width")), HUB_MODEL
-    return cap
+        scenes_only = size.get("height"), size.get("width")
+    return Captioner(model, tokenizer, processor, name=f"{label} (int8)" if int8 else label,
+                     scenes_only=scenes_only, photo_model=HUB_MODEL if scenes_only else "")
 
 
 def _size_decoder_cache(decoder_config) -> None:

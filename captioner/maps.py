@@ -26,25 +26,22 @@ class Maps:
     probs: np.ndarray  # (T,) probability of each caption token
 
 
-def attention_maps(cross_attentions: tuple[torch.Tensor, ...], encoder_attentions: tuple[torch.Tensor, ...],
-                   token_logp: torch.Tensor, groups: list[list[int]], layout: EncoderLayout, layers=None,
-                   head=None) -> Maps:
-    """cross_attentions: L tensors (1, H, T, N), row k written while producing token k; encoder_attentions: L_enc
-    tensors (1, H, N, N), or None for an encoder without a CLS token (its CLS map is then all zeros); token_logp
-    (T,)."""
-    rows = attention.cross_rows(cross_attentions, layers, head)  # (T, N)
+def attention_maps(cross: torch.Tensor, encoder_attentions: tuple[torch.Tensor, ...], token_logp: torch.Tensor,
+                   groups: list[list[int]], layout: EncoderLayout, layers=None, head=None) -> Maps:
+    """cross: (L, H, T, N), row k written while producing token k; encoder_attentions: L_enc tensors (1, H, N, N),
+    or None for an encoder without a CLS token (its CLS map is then all zeros); token_logp (T,)."""
+    rows = attention.cross_rows(cross, layers, head)  # (T, N)
     tokens = attention.patch_maps(rows, layout.grid, layout.prefix)  # (T, gh, gw)
     cls = attention.cls_map(encoder_attentions, layout.grid, layers, head, layout.prefix) if layout.has_cls \
         else np.zeros(layout.grid, np.float32)
     return Maps(attention.word_maps(tokens, groups), tokens, cls, _probs(token_logp))
 
 
-def rollout_maps(cross_attentions: tuple[torch.Tensor, ...], encoder_attentions: tuple[torch.Tensor, ...],
-                 token_logp: torch.Tensor, groups: list[list[int]], layout: EncoderLayout, layers=None,
-                 head=None) -> Maps:
+def rollout_maps(cross: torch.Tensor, encoder_attentions: tuple[torch.Tensor, ...], token_logp: torch.Tensor,
+                 groups: list[list[int]], layout: EncoderLayout, layers=None, head=None) -> Maps:
     """As `attention_maps`, each row pushed back through the encoder's patch mixing; CLS: the rollout's CLS row."""
     joint = attention.rollout(encoder_attentions, head)  # (N, N)
-    rows = attention.cross_rows(cross_attentions, layers, head).to(joint)  # (T, N)
+    rows = attention.cross_rows(cross, layers, head).to(joint)  # (T, N)
     tokens = attention.patch_maps(rows @ joint, layout.grid, layout.prefix)  # (T, gh, gw)
     return Maps(attention.word_maps(tokens, groups), tokens,
                 attention.normalise(attention.patch_maps(joint[0], layout.grid, layout.prefix)), _probs(token_logp))

@@ -2,18 +2,18 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from . import attention, fastdecode
-from .fastdecode import Decoded
+from . import attention
+from .decoding import Decoded, GenerationSettings, generate_batch, generate_ids
 from .forcing import forced
-from .maps import Maps, attention_maps, relevance_maps, rollout_maps
-from .decoding import GenerationSettings, generate_batch, generate_ids
 from .images import to_rgb
+from .kernels import conv1d_out_in
+from .maps import Maps, attention_maps, relevance_maps, rollout_maps
 from .layout import FULL_VIEW, encoder_layout, image_view
 from .words import group_generated, group_typed
 
@@ -22,6 +22,11 @@ DEFAULT_METHOD = "relevance"  # page, API and library alike: it points best, at 
 MAX_CAPTION_CHARS = 500
 EMPTY_CAPTION = "The model produced an empty caption; try beams or sampling."
 SCENES_ONLY = "This model knows only the synthetic scenes it was trained on"
+
+
+def photo_advice(photo_model: str) -> str:
+    """The last sentence of the SCENES_ONLY note: which model to load for photos."""
+    return f"For photos, load {photo_model}." if photo_model else ""
 
 
 @dataclass
@@ -50,15 +55,19 @@ class CaptionResult:
     def grid(self) -> tuple[int, int]:
         return tuple(self.cls_map.shape)
 
-    def to_json(self) -> dict:
-        """Plain JSON types (maps as nested lists), as the API returns it."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "image"}  # no image copy
-        out["view"] = list(self.view)
-        for key in ("word_maps", "cls_map", "token_maps"):
-            out[key] = np.round(out[key], 4).tolist()
-        out["caption"] = out["text"]
-        out["grid"] = list(self.grid)
-        return out
+    def to_json(self, keys: tuple[str, ...] | None = None) -> dict:
+        """Plain JSON types, as the API returns it: maps as nested lists rounded to 4 decimals, every field but the
+        image (no copy of it), plus "caption" (== text) and "grid". keys: only these, in this order (a collection's
+        JSON line takes a few; maps left out are never converted)."""
+        keys = keys or (*(f.name for f in fields(self) if f.name != "image"), "caption", "grid")
+        return {key: self._json_value(key) for key in keys}
+
+    def _json_value(self, key: str):
+        if key in ("word_maps", "cls_map", "token_maps"):
+            return np.round(getattr(self, key), 4).tolist()  # (W, gh, gw), (gh, gw), (T, gh, gw) as lists
+        if key in ("view", "grid", "image_size"):
+            return list(getattr(self, key))
+        return self.text if key == "caption" else getattr(self, key)
 
 
 @dataclass(frozen=True)
@@ -80,11 +89,16 @@ class MapChoice:
 class Captioner:
     """A VisionEncoderDecoderModel with its tokenizer and image processor, loaded with eager attention so that
     attention weights exist (transformers 5's SDPA path returns none). GPT-2's Conv1D weights are laid out
-    (out, in) in memory, in place (same shape, values and state_dict): the layout `fastdecode` reads fastest."""
+    (out, in) in memory, in place (same shape, values and state_dict): the layout `kernels` reads fastest."""
 
-    def __init__(self, model, tokenizer, processor, name: str):
+    def __init__(self, model, tokenizer, processor, name: str, scenes_only: tuple[int, int] | None = None,
+                 photo_model: str = ""):
+        """scenes_only: (H, W) of the synthetic scenes the model was trained on alone (`load` reads its training
+        card), or None; a result for an image of another size then says its caption is a guess, and names
+        photo_model as the one to load for photos."""
         self.model, self.tokenizer, self.processor, self.name = model.eval(), tokenizer, processor, name
-        fastdecode.conv1d_out_in(model.decoder)
+        self.scenes_only, self.photo_model = scenes_only, photo_model
+        conv1d_out_in(model.decoder)
         self.device = next(model.parameters()).device
         self.layout = encoder_layout(model, processor)  # patch grid, prefix tokens, CLS or not, windowed or not
         self.grid = self.layout.grid  # (gh, gw)
@@ -100,18 +114,21 @@ class Captioner:
         # default to attention; every other model's to relevance
         self.int8 = any("quantized" in type(m).__module__ for m in model.modules())
         self.default_method = "attention" if self.int8 or self.layout.windowed else DEFAULT_METHOD
-        # (H, W) of the synthetic scenes this model was trained on alone, or None, and the model to suggest for
-        # photos instead (`load` reads the training card)
-        self.scenes_only: tuple[int, int] | None = None
-        self.photo_model = ""
 
     def __repr__(self) -> str:
         return f"Captioner({self.name!r}, device={self.device}, grid={self.grid})"
 
+    def resolve_method(self, method: str | None = None) -> str:
+        """The map method a call with `method` uses: None stands for this model's `default_method`."""
+        return self.default_method if method is None else method
+
     def pixel_values(self, image) -> torch.Tensor:
         """Any image the API accepts (or a list of them) -> the model's input (B, 3, h, w) on its device and dtype."""
-        images = [to_rgb(i) for i in image] if isinstance(image, list) else to_rgb(image)
-        pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]  # (B, 3, h, w)
+        return self._pixels([to_rgb(i) for i in image] if isinstance(image, list) else [to_rgb(image)])
+
+    def _pixels(self, rgbs: list[np.ndarray]) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB images, already converted -> (B, 3, h, w) on the model's device and dtype."""
+        pixel_values = self.processor(images=rgbs, return_tensors="pt")["pixel_values"]  # (B, 3, h, w)
         return pixel_values.to(self.device, self.model.dtype)
 
     def tokenize(self, text: str) -> tuple[list[int], list[list[int]]]:
@@ -128,9 +145,10 @@ class Captioner:
 
     @torch.no_grad()
     def _encode(self, image):
-        """-> (rgb (H, W, 3) uint8, encoder output with attentions (1, H, N, N) per layer)."""
+        """-> (rgb (H, W, 3) uint8, encoder output with attentions (1, H, N, N) per layer); the one conversion of
+        `image` to RGB a call makes."""
         rgb = to_rgb(image)
-        return rgb, self.model.encoder(pixel_values=self.pixel_values(rgb), output_attentions=not self.layout.windowed)
+        return rgb, self.model.encoder(pixel_values=self._pixels([rgb]), output_attentions=not self.layout.windowed)
 
     def _maps(self, enc, spelling: Spelling, how: MapChoice, decoded: Decoded | None = None) -> Maps:
         """Maps by `method` for caption tokens `ids`. decoded: what decoding recorded for these tokens; its
@@ -158,11 +176,10 @@ class Captioner:
         if method == "relevance":
             return relevance_maps(self.model, enc, self.start_token_id, ids, groups, self.layout)
         if decoded is not None and decoded.cross is not None:
-            cross = tuple(decoded.cross[:, layer].transpose(0, 1)[None] for layer in range(decoded.cross.shape[1]))
-            logp = decoded.logp  # (T,); cross: L tensors (1, H, T, N)
+            cross, logp = decoded.cross, decoded.logp  # (L, H, T, N), (T,)
         else:
             f = forced(self.model, enc.last_hidden_state.detach(), self.start_token_id, ids)
-            cross, logp = f.cross_attentions, f.token_logp
+            cross, logp = f.cross, f.token_logp  # (L, H, T, N), (T,)
         fn = attention_maps if method == "attention" else rollout_maps
         return fn(cross, enc.attentions, logp, groups, self.layout, layers, head)
 
@@ -170,17 +187,16 @@ class Captioner:
                 seconds: dict, decoded: Decoded | None = None) -> CaptionResult:
         """The maps of `spelling` on the encoded image `rgb`, and the result that carries them."""
         t = time.perf_counter()
-        how = MapChoice(how.method or self.default_method, how.layers, how.head)
+        how = MapChoice(self.resolve_method(how.method), how.layers, how.head)
         no_cls = f"This {self.layout.model_type} encoder has no CLS token, so there is no CLS map."
         if not self.layout.has_cls and no_cls not in notes:
             notes = [*notes, no_cls]
         if self.scenes_only and tuple(rgb.shape[:2]) != self.scenes_only and not any(
                 n.startswith(SCENES_ONLY) for n in notes):
             h, w = self.scenes_only
-            notes = [*notes, f"{SCENES_ONLY} ({h}×{w} px scenes of coloured shapes); this {rgb.shape[1]}×"
-                             f"{rgb.shape[0]} px image is not one, so the caption is a guess. For photos, choose "
-                             f"{self.photo_model} in the Model menu (on the Space, or wherever the hub is "
-                             "reachable)."]
+            note = f"{SCENES_ONLY} ({h}×{w} px scenes of coloured shapes); this {rgb.shape[1]}×{rgb.shape[0]} px " \
+                   f"image is not one, so the caption is a guess. {photo_advice(self.photo_model)}"
+            notes = [*notes, note.rstrip()]
         maps = self._maps(enc, spelling, how, decoded)
         seconds["maps"] = time.perf_counter() - t
         ids, groups = spelling.ids, spelling.groups
@@ -203,21 +219,21 @@ class Captioner:
         return self._mapped(rgb, enc, spelling, MapChoice(method, layers, head), res.settings, res.notes,
                             {"encode": time.perf_counter() - t})
 
-    def caption(self, image, max_new_tokens: int | None = None, num_beams: int = 4, do_sample: bool = False,
-                temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, seed: int | None = None,
-                method: str | None = None, layers: list[int] | None = None, head: int | None = None
-                ) -> CaptionResult:
+    def caption(self, image, settings: GenerationSettings | None = None, method: str | None = None,
+                layers: list[int] | None = None, head: int | None = None, **overrides) -> CaptionResult:
         """Caption `image` (PIL or (H, W, 3) uint8) and map every word; any decoding mode, beam search included.
 
+        settings: how to decode (default `GenerationSettings()`: beam 4); keyword arguments named after its fields
+        override it (`caption(image, num_beams=1, max_new_tokens=20)`). max_new_tokens=None uses the model's own
+        default (`default_max_new_tokens`: 16 unless its generation config says otherwise; the bundled scene model
+        says 24, as its longest captions have 17 words).
         method: "relevance" (Chefer et al.'s gradient-weighted relevance, one batched backward pass through the
         decoder; the default, `default_method`, except for int8 models, which have no gradients), "attention"
         (raw cross-attention; CLS self-attention of the last layer) or "rollout" (pushed through the encoder's
         rolled-out self-attention); None: the default. layers: decoder layers to average for word maps and encoder
         layers for the CLS map (None: all decoder layers, the last encoder layer); head: one head or None for the mean.
-        max_new_tokens=None uses the model's own default (`default_max_new_tokens`: 16 unless its generation
-        config says otherwise; the bundled scene model says 24, as its longest captions have 17 words).
         """
-        settings = self._settings(max_new_tokens, num_beams, do_sample, temperature, top_k, top_p, seed)
+        settings = self._settings(settings, overrides)
         seconds = {}
         t = time.perf_counter()
         rgb, enc = self._encode(image)
@@ -232,18 +248,20 @@ class Captioner:
                             asdict(settings), notes, seconds, decoded)
 
     @torch.no_grad()
-    def caption_batch(self, images: list, max_new_tokens: int | None = None, num_beams: int = 4,
-                      method: str | None = None, layers: list[int] | None = None, head: int | None = None
-                      ) -> list[CaptionResult]:
+    def caption_batch(self, images: list, settings: GenerationSettings | None = None, method: str | None = None,
+                      layers: list[int] | None = None, head: int | None = None, **overrides) -> list[CaptionResult]:
         """`caption` for several images at once (greedy or beam search): one encoder pass and one decoding for
         the batch, then each image's maps from what its decoding recorded. Batched matrix products round
         differently from single ones, so a near-tie may now and then resolve to another word than `caption` picks."""
-        settings = self._settings(max_new_tokens, num_beams)
+        settings = self._settings(settings, overrides)
+        if settings.do_sample:
+            raise ValueError("caption_batch decodes by greedy or beam search; sample with caption(), one image at "
+                             "a time.")
         if not images:
             return []
         t = time.perf_counter()
         rgbs = [to_rgb(image) for image in images]
-        pixel_values = self.pixel_values(rgbs)  # (B, 3, h, w)
+        pixel_values = self._pixels(rgbs)  # (B, 3, h, w)
         enc = self.model.encoder(pixel_values=pixel_values, output_attentions=not self.layout.windowed)
         encode = (time.perf_counter() - t) / len(rgbs)
         t = time.perf_counter()
@@ -260,16 +278,21 @@ class Captioner:
                                         {"encode": encode, "generate": generate}, decoded))
         return results
 
-    def _settings(self, max_new_tokens: int | None, num_beams: int, do_sample: bool = False,
-                  temperature: float = 1.0, top_k: int = 50, top_p: float = 1.0, seed: int | None = None
-                  ) -> GenerationSettings:
-        """Checked settings, max_new_tokens defaulted to the model's and capped by its position table."""
-        if max_new_tokens is None:
-            max_new_tokens = self.default_max_new_tokens
-        settings = GenerationSettings(max_new_tokens, num_beams, do_sample, temperature, top_k, top_p,
-                                      seed).checked()
-        return GenerationSettings(**{**asdict(settings), "max_new_tokens": min(settings.max_new_tokens,
-                                                                                 self.max_tokens - 1)})
+    def _settings(self, settings: GenerationSettings | None, overrides: dict) -> GenerationSettings:
+        """`settings` with keyword overrides applied, checked, max_new_tokens defaulted to the model's and capped
+        by its position table."""
+        if settings is not None and not isinstance(settings, GenerationSettings):
+            raise TypeError(f"settings must be a GenerationSettings, got {type(settings).__name__}; pass "
+                            "max_new_tokens, num_beams and the rest by keyword.")
+        unknown = sorted(set(overrides) - {f.name for f in fields(GenerationSettings)})
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {', '.join(map(repr, unknown))}; the generation settings "
+                            f"are {', '.join(f.name for f in fields(GenerationSettings))}.")
+        settings = replace(settings or GenerationSettings(), **overrides)
+        if settings.max_new_tokens is None:
+            settings = replace(settings, max_new_tokens=self.default_max_new_tokens)
+        settings = settings.checked()
+        return replace(settings, max_new_tokens=min(settings.max_new_tokens, self.max_tokens - 1))
 
     def explain(self, image, text: str, method: str | None = None, layers: list[int] | None = None,
                 head: int | None = None) -> CaptionResult:

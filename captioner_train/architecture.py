@@ -45,19 +45,26 @@ def _sincos_2d(gh: int, gw: int, dim: int) -> torch.Tensor:
     return torch.cat(out, dim=1)  # (gh*gw, dim)
 
 
-def joined(encoder, decoder, tokenizer: PreTrainedTokenizerBase, seed: int = 0,
-           max_new_tokens: int = 16) -> VisionEncoderDecoderModel:
-    """A randomly initialised VisionEncoderDecoderModel of these encoder and decoder configs, its special tokens
-    (decoder start, pad, EOS: in the config and the generation config) `tokenizer`'s."""
-    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+def set_special_tokens(model: VisionEncoderDecoderModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make `tokenizer`'s special tokens the model's, in its config and its generation config: a caption starts
+    with BOS (the decoder start token), ends with EOS, and is padded with PAD."""
+    config = model.config
     config.decoder_start_token_id, config.pad_token_id = tokenizer.bos_token_id, tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
-    torch.manual_seed(seed)
-    model = VisionEncoderDecoderModel(config)
     gen = model.generation_config
     gen.decoder_start_token_id, gen.bos_token_id = tokenizer.bos_token_id, tokenizer.bos_token_id
     gen.eos_token_id, gen.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    gen.max_new_tokens = max_new_tokens
+
+
+def joined(encoder, decoder, tokenizer: PreTrainedTokenizerBase, seed: int = 0,
+           max_new_tokens: int = 16) -> VisionEncoderDecoderModel:
+    """A randomly initialised VisionEncoderDecoderModel of these encoder and decoder configs, its special tokens
+    `tokenizer`'s (`set_special_tokens`)."""
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    torch.manual_seed(seed)
+    model = VisionEncoderDecoderModel(config)
+    set_special_tokens(model, tokenizer)
+    model.generation_config.max_new_tokens = max_new_tokens
     return model
 
 

@@ -10,7 +10,7 @@ of the same size, and `--model` (default: `captioner.default_model()`). For each
 tokens alternate the anchor (plain `generate` from pixels on the model loaded with default SDPA attention) and
 `cap.caption(...)` on one image, and report medians, the ratio and whether the tokens were identical; the floor
 (the encoder, then 16 steps that only stream every decoder weight once through the faster kernel) and the
-kernels `fastdecode` chose on this machine; the default map method against attention for an 11-word caption
+kernels `captioner.kernels` chose on this machine; the default map method against attention for an 11-word caption
 (explain, and caption + maps) and a server-like process's peak RSS. Then: the int8 path (speed and word agreement with fp32), a word click (overlay of one word on a 1024 px image from the
 cached maps), cold start to first caption in a fresh process with its peak RSS, and batch mode in images/s.
 """
@@ -28,11 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import captioner
-from captioner import fastdecode
+from captioner import decoding, fastdecode, kernels
 from captioner.render import titled_overlay
 
 from .architecture import ModelConfig, image_processor, joined
@@ -70,8 +69,7 @@ def plain_generate(model, processor, image, num_beams: int, max_new_tokens: int 
     with torch.no_grad():  # pixel_values (1, 3, h, w) on the model's device and dtype (a GPU's fp16 too)
         out = model.generate(pixel_values=pixel_values, max_new_tokens=max_new_tokens, max_length=None,
                              num_beams=num_beams, do_sample=False, temperature=None, top_k=None, top_p=None)
-    ids, eos = out[0, 1:].tolist(), model.generation_config.eos_token_id
-    return ids[: ids.index(eos)] if eos in ids else ids
+    return decoding.until_eos(out[0, 1:].tolist(), model.generation_config.eos_token_id)
 
 
 @dataclass
@@ -162,7 +160,7 @@ def eleven_words(tokenizer) -> str:
 
 @dataclass
 class Floor:
-    floor: float  # median seconds with each weight through the kernel fastdecode chose
+    floor: float  # median seconds with each weight through the kernel kernels.Kernels chose
     linear: float  # ... through F.linear alone
 
 
@@ -170,10 +168,10 @@ def floor_seconds(cap, anchor, image, rows: int, repeats: int, new_tokens: int =
     """The least a caption can cost here: the anchor's encoder (SDPA, no attentions), the cross-attention keys and
     values once for the image (any decoder with a cache computes them once), then `new_tokens` steps that only
     multiply `rows` rows by every other decoder weight once (LM head included), each weight through the kernel
-    `fastdecode` chose for it, and through `F.linear` alone. Medians in seconds."""
+    `captioner.kernels` chose for it, and through `F.linear` alone. Medians in seconds."""
     weights = [w for name, m in cap.model.decoder.named_modules() if not name.endswith("crossattention.c_attn")
-               for w in [fastdecode._weight(m)] if w is not None]
-    kernels = fastdecode.kernels_for(cap.model)
+               for w in [kernels.weight(m)] if w is not None]
+    chosen_for = kernels.kernels_for(cap.model).choose
     pixel_values = cap.pixel_values(image)
     xs = {k: torch.randn(rows, k) for k in {w.shape[1] for w in weights}}
     threads = torch.get_num_threads()
@@ -186,10 +184,7 @@ def floor_seconds(cap, anchor, image, rows: int, repeats: int, new_tokens: int =
             for _ in range(new_tokens):
                 for w in weights:
                     x = xs[w.shape[1]]
-                    if chosen and kernels.choose(w, rows) == "bmm":
-                        fastdecode._bmm_split(x, w, threads)
-                    else:
-                        F.linear(x, w)
+                    kernels.product(chosen_for(w, rows) if chosen else "linear", x, w, threads)
         return time.perf_counter() - t
 
     run(True), run(False)  # warm-up (and the kernels' timing, if not done yet)
@@ -280,13 +275,13 @@ class BatchFigures:
 
 def batch_figures(cap, images: list, batch_size: int = 8, num_beams: int = 4) -> BatchFigures:
     """Images per second: caption() one at a time vs caption_batch in batches of `batch_size`."""
-    cap.caption_batch(images[:2], NEW_TOKENS, num_beams)  # warm-up
+    cap.caption_batch(images[:2], max_new_tokens=NEW_TOKENS, num_beams=num_beams)  # warm-up
     t = time.perf_counter()
     one = [cap.caption(image, max_new_tokens=NEW_TOKENS, num_beams=num_beams) for image in images]
     single = time.perf_counter() - t
     t = time.perf_counter()
     batched = [r for i in range(0, len(images), batch_size)
-               for r in cap.caption_batch(images[i:i + batch_size], NEW_TOKENS, num_beams)]
+               for r in cap.caption_batch(images[i:i + batch_size], max_new_tokens=NEW_TOKENS, num_beams=num_beams)]
     many = time.perf_counter() - t
     same = float(np.mean([a.token_ids == b.token_ids for a, b in zip(one, batched)]))
     return BatchFigures(len(images) / single, len(images) / many, same, len(images))
@@ -311,7 +306,7 @@ class ModelBench:
     label: str
     decoding: list[DecodingRow]  # beam 4, then greedy
     decoded_by: str  # captioner's own loop, or generate and why
-    kernels: list[str]  # the kernels fastdecode chose on this machine (`Kernels.summary`)
+    kernels: list[str]  # the kernels kernels.Kernels chose on this machine (`Kernels.summary`)
     maps: MapCost
     int8: Int8Figures
     batch: BatchFigures
@@ -335,7 +330,7 @@ def _decoding_rows(cap, folder: str, image, repeats: int) -> list[DecodingRow]:
 
 
 def _decoded_by(cap) -> str:
-    why_not = fastdecode.unsupported(cap.model, do_sample=False)
+    why_not = decoding.unsupported(cap.model, do_sample=False)
     return "captioner's own loop (fastdecode)" if why_not is None else f"generate ({why_not})"
 
 
@@ -347,9 +342,9 @@ def _int8(folder: str, cap, images: list) -> Int8Figures:
 def bench_model(label: str, folder: str, image, int8_images: list, batch_images: list, repeats: int, text: str):
     """Every figure of the model in `folder` but its cold start; returns them and its fp32 Captioner."""
     cap = captioner.load(folder, device="cpu")
-    decoding = _decoding_rows(cap, folder, image, repeats)
-    kernels = fastdecode.kernels_for(cap.model).summary()  # what decoding and the floor chose
-    result = ModelBench(label, decoding, _decoded_by(cap), kernels, map_cost(cap, image, text, repeats),
+    rows = _decoding_rows(cap, folder, image, repeats)
+    chosen = kernels.kernels_for(cap.model).summary()  # what decoding and the floor chose
+    result = ModelBench(label, rows, _decoded_by(cap), chosen, map_cost(cap, image, text, repeats),
                         _int8(folder, cap, int8_images), batch_figures(cap, batch_images))
     return result, cap
 
@@ -367,7 +362,7 @@ def _text_rows(m: ModelBench) -> list[str]:
 def _text_extras(m: ModelBench) -> list[str]:
     c, q, b = m.maps, m.int8, m.batch
     return [f"{m.label}: greedy and beam search decoded by {m.decoded_by}",
-            f"{m.label}: kernels chosen on this machine (fastdecode.Kernels):",
+            f"{m.label}: kernels chosen on this machine (kernels.Kernels):",
             *(f"    {line}" for line in m.kernels),
             f"{m.label}: default map ({c.method}) vs attention, {c.words}-word caption: explain "
             f"{c.explain:.3f} s vs {c.explain_attention:.3f} s ({c.explain / c.explain_attention:.2f}x); caption + "
@@ -418,7 +413,7 @@ def markdown_tables(bench: Bench) -> list[tuple[str, str]]:
         f"Decoding, {setup} Columns: generate is plain `generate` (the caption alone, default SDPA attention); "
         "caption() is `Captioner.caption` (caption and attention maps); ratio is generate / caption(); same: whether "
         "the tokens are identical; floor is the encoder, then one pass over every decoder weight per token through "
-        "the kernels fastdecode chose, and /floor caption() over it; F.linear floor the same pass through F.linear "
+        "the kernels kernels.Kernels chose, and /floor caption() over it; F.linear floor the same pass through F.linear "
         "alone; then the caption's length.",
         _table(["model", "mode", "generate (s)", "caption() (s)", "ratio", "same", "floor (s)", "/floor",
                 "F.linear floor (s)", "tokens", "words"],
@@ -427,7 +422,7 @@ def markdown_tables(bench: Bench) -> list[tuple[str, str]]:
                  f"{row.floor.floor:.3f}", f"{row.comparison.ours / row.floor.floor:.2f}x",
                  f"{row.floor.linear:.3f}", str(row.comparison.tokens), str(row.comparison.words)]
                 for m in ms for row in m.decoding])), (
-        "How each model is decoded, and the kernel fastdecode chose for each weight shape on this machine (its "
+        "How each model is decoded, and the kernel kernels.Kernels chose for each weight shape on this machine (its "
         "timed bandwidth for both candidates).",
         _table(["model", "decoded by", "kernels chosen"], [[m.label, m.decoded_by, "; ".join(m.kernels) or "–"]
                                                            for m in ms])), (

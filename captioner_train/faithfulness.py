@@ -17,6 +17,7 @@ import torch
 
 from captioner.distributed import Ranks
 from captioner.forcing import decoder_input, token_log_probs
+from captioner.loading import EAGER
 from captioner.pipeline import METHODS, Captioner
 
 from .candidates import CANDIDATES
@@ -60,7 +61,7 @@ def randomised(cap: Captioner, seed: int = 0) -> Captioner:
     """The same architecture, tokenizer and processor with freshly initialised weights."""
     torch.manual_seed(seed)
     model = type(cap.model)(cap.model.config)
-    model.set_attn_implementation({"encoder": "eager", "decoder": "eager"})
+    model.set_attn_implementation(EAGER)
     return Captioner(model.to(cap.device), cap.tokenizer, cap.processor, name=f"{cap.name} (random weights)")
 
 

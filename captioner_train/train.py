@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from captioner.layout import config_grid
 
-from .architecture import PRESETS, build_model, image_processor
+from .architecture import PRESETS, build_model, image_processor, set_special_tokens
 from .data import CocoCaptions, Collator, FlickrCaptions, SyntheticScenes
 from .synthetic import VOCABULARY
 from .vocabulary import word_tokenizer
@@ -157,11 +157,7 @@ def _model_and_preprocessing(cfg: TrainConfig):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has none; masking uses lengths, not this id
         model = VisionEncoderDecoderModel.from_encoder_decoder_pretrained(cfg.encoder, cfg.decoder)
-        model.config.decoder_start_token_id = tokenizer.bos_token_id
-        model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-        model.generation_config.decoder_start_token_id = tokenizer.bos_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        set_special_tokens(model, tokenizer)
         return model, tokenizer, AutoImageProcessor.from_pretrained(cfg.encoder)
     if cfg.preset not in PRESETS:
         raise ValueError(f"unknown --preset {cfg.preset!r}; available: {sorted(PRESETS)}")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 SRC = str(Path(__file__).resolve().parent.parent)
 MUT = [
- ("word j explained by row j instead of j-1 (forced pass)", "captioner/forcing.py", "cross = tuple(a[:, :, :-1] for a in out.cross_attentions)", "cross = tuple(a[:, :, 1:] for a in out.cross_attentions)", "tests/test_captioner.py"),
- ("word j explained by row j+1 (recorded while decoding)", "captioner/fastdecode.py", "cross = torch.stack([steps.attn[s][r] for s, r in enumerate(rows)])", "cross = torch.stack([steps.attn[min(s + 1, len(rows) - 1)][r] for s, r in enumerate(rows)])", "tests/test_captioner.py"),
+ ("word j explained by row j instead of j-1 (forced pass)", "captioner/forcing.py", "cross = torch.stack([a[0, :, :-1] for a in out.cross_attentions])", "cross = torch.stack([a[0, :, 1:] for a in out.cross_attentions])", "tests/test_captioner.py"),
+ ("word j explained by row j+1 (recorded while decoding)", "captioner/fastdecode.py", "cross = torch.stack([steps.attn[s][r] for s, r in enumerate(rows)], 2)", "cross = torch.stack([steps.attn[min(s + 1, len(rows) - 1)][r] for s, r in enumerate(rows)], 2)", "tests/test_captioner.py"),
  ("rollout residual 0.9 A + 0.1 I", "captioner/attention.py", "a = 0.5 * a + 0.5 * eye", "a = 0.9 * a + 0.1 * eye", "tests/test_rules.py"),
  ("rollout multiplied last layer first", "captioner/attention.py", "joint = (a / a.sum(-1, keepdim=True)) @ joint", "joint = joint @ (a / a.sum(-1, keepdim=True))", "tests/test_rules.py"),
  ("relevance keeps negative gradient x attention", "captioner/relevance.py", "return (grad * attn).clamp(min=0).mean(-3)", "return (grad * attn).mean(-3)", "tests/test_rules.py"),
@@ -33,7 +33,7 @@ MUT = [
  ("early_stopping=True ignored", "captioner/fastdecode.py", "if not (can_improve.any() and not (is_finished.all() and early_stopping is True) and not done.all()):", "if not (can_improve.any() and not done.all()):", "tests/test_speed.py"),
  ("early_stopping='never' judged like False", "captioner/fastdecode.py", "length = max_length - 1 if early_stopping == \"never\" and length_penalty > 0.0 else cur_len - 1", "length = cur_len - 1", "tests/test_speed.py"),
  ("encoder relevance from the last layer only", "captioner/relevance.py", "r_ii = encoder_relevance([a[0].detach().float().mean(0) for a in enc.attentions])", "r_ii = encoder_relevance([a[0].detach().float().mean(0) for a in enc.attentions[-1:]])", "tests/test_rules.py"),
- ("bmm split drops the leftover rows", "captioner/fastdecode.py", "    if n < N:\n        out = torch.cat((out, w[n:] @ x.t()))  # (N, M)", "    if False:\n        out = torch.cat((out, w[n:] @ x.t()))  # (N, M)", "tests/test_speed.py"),
+ ("bmm split drops the leftover rows", "captioner/kernels.py", "    if n < N:\n        out = torch.cat((out, w[n:] @ x.t()))  # (N, M)", "    if False:\n        out = torch.cat((out, w[n:] @ x.t()))  # (N, M)", "tests/test_speed.py"),
  ("the project's pixel limit raised tenfold", "captioner/images.py", "MAX_PIXELS = 40_000_000", "MAX_PIXELS = 400_000_000", "tests/test_robustness.py"),
  ("the file limit loosened to 60 MB", "captioner/images.py", "MAX_FILE_BYTES = 50_000_000", "MAX_FILE_BYTES = 60_000_000", "tests/test_robustness.py"),
  ("overlay heat resized with swapped axes", "captioner/render.py", "up = cv2.resize(heat.astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)", "up = cv2.resize(heat.astype(np.float32).T, (w, h), interpolation=cv2.INTER_CUBIC)", "tests/test_render.py"),
@@ -41,8 +41,8 @@ MUT = [
  ("overlay stretched over the whole photo despite a crop", "captioner/render.py", "    x0, y0, x1, y1 = view\n", "    x0, y0, x1, y1 = FULL_VIEW\n", "tests/test_render.py"),
  ("relevance maps with a word's tokens' gradients summed from the wrong row", "captioner/maps.py", "words = torch.stack([r_ti[w, g].sum(0)", "words = torch.stack([r_ti[w, [k + 1 for k in g]].sum(0)", "tests/test_rules.py"),
  ("/heatmap showing the previous word's map", "app.py", "        k = int(word_index)\n", "        k = max(int(word_index) - 1, 0)\n", "tests/test_app.py"),
- ("a click re-runs the model", "app.py", "        return (*_word_view(state[\"result\"], k, grid), {**state, \"word\": k})", "        state = {**state, \"result\": loaded.get(state[\"model\"]).remap(state[\"result\"])}\n        return (*_word_view(state[\"result\"], k, grid), {**state, \"word\": k})", "tests/test_app.py"),
- ("the grid checkbox re-maps", "app.py", "        return _pictures(state[\"result\"], state[\"word\"], grid)", "        return _pictures(loaded.get(state[\"model\"]).remap(state[\"result\"]), state[\"word\"], grid)", "tests/test_app.py"),
+ ("a click re-runs the model", "app.py", "        return (*views.word_view(state[\"result\"], k, grid), {**state, \"word\": k})", "        state = {**state, \"result\": loaded.get(state[\"model\"]).remap(state[\"result\"])}\n        return (*views.word_view(state[\"result\"], k, grid), {**state, \"word\": k})", "tests/test_app.py"),
+ ("the grid checkbox re-maps", "app.py", "        return views.pictures(state[\"result\"], state[\"word\"], grid)", "        return views.pictures(loaded.get(state[\"model\"]).remap(state[\"result\"]), state[\"word\"], grid)", "tests/test_app.py"),
 ]
 only = sys.argv[1:]
 rows = []

@@ -9,6 +9,10 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Decoding's products run on a named kernel everywhere in the tests, subprocesses included, never on the one the
+# timing picked at that moment (two models timed apart could pick apart and break a near-tie differently); the
+# token- and map-exact tests run on each kernel in turn through the `kernel` fixture.
+os.environ.setdefault("CAPTIONER_KERNEL", "linear")
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ from transformers import (BeitConfig, BertConfig, DeiTConfig, GPT2Config, MBartC
 
 import captioner
 import servers  # scripts/servers.py
+from captioner import kernels
 from captioner_train.architecture import PRESETS, build_model, image_processor, joined
 from captioner_train.vocabulary import bpe_tokenizer, word_tokenizer
 
@@ -53,6 +58,13 @@ def image_for(k: int, size=(32, 48)) -> np.ndarray:
     img = rng.integers(0, 80, size=(*size, 3), dtype=np.uint8)
     img[:, 12 * k % size[1]: 12 * k % size[1] + 12] = np.array([[200, 60 * k, 255 - 60 * k]], dtype=np.uint8)
     return img
+
+
+@pytest.fixture(params=kernels.KERNELS)
+def kernel(request):
+    """Each kernel decoding can run on, forced for every model in this process while the test runs."""
+    with kernels.forced(request.param):
+        yield request.param
 
 
 @pytest.fixture(scope="session")

@@ -144,11 +144,16 @@ def test_heatmap_for_word_k_is_the_librarys_overlay_for_word_k(client, tiny, ima
 
 
 @pytest.fixture(scope="module")
-def page(tiny_dir):
-    """The page's handlers, called in-process as Gradio calls them (no server), by function name."""
+def demo(tiny_dir):
+    """The page, built in-process and never launched."""
     import app
 
-    demo = app.build_demo([tiny_dir])
+    return app.build_demo([tiny_dir])
+
+
+@pytest.fixture(scope="module")
+def page(demo):
+    """The page's handlers, called in-process as Gradio calls them (no server), by function name."""
     return {f.fn.__name__: f.fn for f in demo.fns.values() if f.fn is not None}
 
 
@@ -199,3 +204,41 @@ def test_the_page_keeps_at_most_a_display_sized_image_per_visitor(page):
     big = np.asarray(Image.fromarray(image_for(2)).resize((2048, 1365)))
     state = page["caption"](big, 8, 1)[-1]
     assert max(state["result"].image.shape[:2]) == render.PAGE_MAX_SIDE
+
+
+def test_an_upload_is_converted_to_rgb_once_on_its_way_to_a_caption(demo, page, image_file, monkeypatch):
+    """The upload component decodes the file; the captioner converts it to RGB, and no one converts it again."""
+    from gradio.data_classes import FileData
+
+    from captioner import images, pipeline
+
+    calls = []
+    to_rgb = images.to_rgb
+
+    def counting(image):
+        calls.append(type(image).__name__)
+        return to_rgb(image)
+
+    monkeypatch.setattr(images, "to_rgb", counting)
+    monkeypatch.setattr(pipeline, "to_rgb", counting)
+    upload = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "image")
+    state = page["caption"](upload.preprocess(FileData(path=image_file)), 8, 1)[-1]
+    assert len(calls) == 1, calls
+    assert np.array_equal(state["result"].image, read_image(image_file))
+
+
+def test_the_page_names_its_model_menu_where_the_library_names_the_model_to_load(tiny):
+    """A scene model's note on a photo: the library says which model to load, the page where to choose it."""
+    import captioner
+    from captioner.pipeline import SCENES_ONLY
+    from page import views
+
+    scenes = captioner.Captioner(tiny.model, tiny.tokenizer, tiny.processor, "scenes", scenes_only=(64, 64),
+                                 photo_model=captioner.HUB_MODEL)
+    res = scenes.explain(image_for(0), CAPTIONS[0], method="attention")
+    note, = [n for n in res.notes if n.startswith(SCENES_ONLY)]
+    assert f"load {captioner.HUB_MODEL}." in note and "Model menu" not in note
+    shown, = [n for n in views.for_page(res, scenes).notes if n.startswith(SCENES_ONLY)]
+    assert shown == note.replace(f"load {captioner.HUB_MODEL}.", f"choose {captioner.HUB_MODEL} in the Model menu "
+                                 "(on the Space, or wherever the hub is reachable).")
+    assert views.for_page(res, tiny).notes == res.notes, "a model with no photo model to suggest: notes as they are"

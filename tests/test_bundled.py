@@ -20,9 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_ONLY = {"CAPTIONER_MODEL": None, "CAPTIONER_EXTRA_MODELS": None}  # for app.py: the bundled model alone
 
 
-# README's table (`python -m captioner.evaluate assets/model`, 500 held-out scenes) and the margins this guard allows on
-# 60 of those scenes: exact captions and pointing, at 99.4 % and 99.5 % on 500, get 5 points (3 wrong scenes of 60
-# would be a real drop); energy, a mean over ~125 nouns with a spread of ~0.15, gets 0.05 (about 3.5 standard errors).
+# README's table (`python -m captioner_train.evaluate assets/model`, 500 held-out scenes) and the margins this guard
+# allows on 60 of those scenes: exact captions and pointing, at 99.4 % and 99.5 % on 500, get 5 points (3 wrong scenes
+# of 60 would be a real drop); energy, a mean over ~125 nouns with a spread of ~0.15, gets 0.05 (about 3.5 standard
+# errors).
 README_EXACT_BEAM4, EXACT_MARGIN = 0.994, 0.05
 README_POINTING_DEFAULT, POINTING_MARGIN = 0.995, 0.05
 README_ENERGY_DEFAULT, ENERGY_MARGIN = 0.718, 0.05  # the bar is 0.65

@@ -36,13 +36,13 @@ def test_contract(tiny):
     assert np.allclose(js["word_maps"], res.word_maps, atol=1e-4)
 
 
-def test_trained_fixture_captions_its_images(tiny):
+def test_trained_fixture_captions_its_images(tiny, kernel):
     """The tiny model learnt its four captions, so the tests below work on real multi-token words."""
     for k, text in enumerate(CAPTIONS):
         assert tiny.caption(image_for(k), max_new_tokens=40, num_beams=1).text == text
 
 
-def test_words_group_subword_tokens(tiny):
+def test_words_group_subword_tokens(tiny, kernel):
     res = tiny.caption(image_for(0), max_new_tokens=40, method="attention")
     k = res.words.index("skateboard")
     assert len(res.word_tokens[k]) >= 2, "the BPE fixture must split 'skateboard' into several tokens"
@@ -53,7 +53,7 @@ def test_words_group_subword_tokens(tiny):
                                               rel=1e-3), "same word probability from decoding and a forced pass"
 
 
-def test_greedy_maps_equal_the_attentions_generate_returned(tiny):
+def test_greedy_maps_equal_the_attentions_generate_returned(tiny, kernel):
     """Pins the rule that query row j-1 (the state that predicted token j) gives token j's map."""
     image = image_for(1)
     res = tiny.caption(image, max_new_tokens=40, num_beams=1, method="attention")
@@ -66,7 +66,7 @@ def test_greedy_maps_equal_the_attentions_generate_returned(tiny):
         assert np.allclose(res.token_maps[j], _mean_map(rows, tiny.grid), atol=atol(tiny)), f"token {j}"
 
 
-def test_beam_search_maps_equal_a_teacher_forced_pass(tiny):
+def test_beam_search_maps_equal_a_teacher_forced_pass(tiny, kernel):
     image = image_for(2)
     res = tiny.caption(image, max_new_tokens=40, num_beams=4, method="attention")
     with torch.no_grad():
@@ -80,7 +80,7 @@ def test_beam_search_maps_equal_a_teacher_forced_pass(tiny):
         assert np.allclose(res.token_maps[j], _mean_map(rows, tiny.grid), atol=atol(tiny))
 
 
-def test_beam_search_on_random_model_matches_plain_generate(random_tiny):
+def test_beam_search_on_random_model_matches_plain_generate(random_tiny, kernel):
     """Even where beams disagree a lot (random weights), the tokens are plain generate's."""
     image = image_for(3)
     res = random_tiny.caption(image, max_new_tokens=12, num_beams=3)
@@ -91,7 +91,7 @@ def test_beam_search_on_random_model_matches_plain_generate(random_tiny):
     assert res.token_ids == (plain[:plain.index(eos)] if eos in plain else plain)
 
 
-def test_explain_of_own_caption_gives_the_same_maps(tiny):
+def test_explain_of_own_caption_gives_the_same_maps(tiny, kernel):
     image = image_for(3)
     for method in ("attention", "relevance"):
         res = tiny.caption(image, max_new_tokens=40, method=method)
@@ -110,7 +110,7 @@ def test_cls_map_is_last_layer_cls_row_mean_over_heads(tiny):
     assert np.allclose(res.cls_map, normalise(row), atol=atol(tiny, 1e-6))
 
 
-def test_pil_and_array_inputs_agree_and_input_is_not_mutated(tiny):
+def test_pil_and_array_inputs_agree_and_input_is_not_mutated(tiny, kernel):
     image = image_for(1)
     before = image.copy()
     a = tiny.caption(image)
@@ -131,6 +131,25 @@ def test_sampling_is_reproducible_and_leaves_global_rng_alone(random_tiny):
     assert isinstance(c.settings["seed"], int), "a drawn seed is reported so the result can be reproduced"
     assert random_tiny.caption(image_for(0), do_sample=True, seed=c.settings["seed"], num_beams=1, top_k=0,
                                temperature=2.0).token_ids == c.token_ids
+
+
+def test_settings_and_their_keyword_overrides_decode_alike(random_tiny):
+    """caption(image, settings) and caption(image, **fields) are one call; keywords override the settings."""
+    settings = captioner.GenerationSettings(max_new_tokens=9, num_beams=1)
+    a = random_tiny.caption(image_for(1), settings, method="attention")
+    b = random_tiny.caption(image_for(1), max_new_tokens=9, num_beams=1, method="attention")
+    c = random_tiny.caption(image_for(1), captioner.GenerationSettings(num_beams=3), max_new_tokens=9, num_beams=1,
+                            method="attention")
+    assert a.token_ids == b.token_ids == c.token_ids and a.settings == b.settings == c.settings
+    assert a.settings["num_beams"] == 1 and a.settings["max_new_tokens"] == 9
+    assert random_tiny.caption(image_for(1), method="attention").settings["max_new_tokens"] == \
+        random_tiny.default_max_new_tokens, "max_new_tokens left out: the model's own"
+    batch = random_tiny.caption_batch([image_for(1)], settings, method="attention")
+    assert batch[0].token_ids == a.token_ids and batch[0].settings == a.settings
+    with pytest.raises(TypeError, match="keyword"):
+        random_tiny.caption(image_for(1), 9)
+    with pytest.raises(TypeError, match="beams"):
+        random_tiny.caption(image_for(1), beams=2)
 
 
 @pytest.mark.parametrize("kwargs, name", [

@@ -98,11 +98,11 @@ def test_a_rerun_after_a_cut_skips_what_was_done(tiny_dir, tmp_path, monkeypatch
     def cut_after_two_batches(cap, *a, **k):
         batch = cap.caption_batch
 
-        def counted(images, *rest):
+        def counted(images, *rest, **settings):
             calls.append(len(images))
             if len(calls) > 2:
                 raise KeyboardInterrupt  # the process is stopped in the middle of its third batch
-            return batch(images, *rest)
+            return batch(images, *rest, **settings)
         cap.caption_batch = counted
         return real(cap, *a, **k)
     monkeypatch.setattr("captioner.__main__.caption_collection", cut_after_two_batches)

@@ -256,11 +256,11 @@ def test_torchrun_evaluation_equals_one_process(random_tiny, tmp_path):
     out = {}
     for n in (1, 2):
         out[n] = tmp_path / f"{n}.json"
-        torchrun(n, ["captioner.evaluate", *args, "--json-out", str(out[n]), "--markdown", str(tmp_path / f"{n}.md")],
-                 tmp_path)
+        torchrun(n, ["captioner_train.evaluate", *args, "--json-out", str(out[n]), "--markdown",
+                     str(tmp_path / f"{n}.md")], tmp_path)
     one, two = json.loads(out[1].read_text()), json.loads(out[2].read_text())
     header = (tmp_path / "2.md").read_text().splitlines()[0]
-    assert header.endswith(f"command: `torchrun --nproc_per_node 2 -m captioner.evaluate {' '.join(args)} --json-out "
+    assert header.endswith(f"command: `torchrun --nproc_per_node 2 -m captioner_train.evaluate {' '.join(args)} --json-out "
                            f"{out[2]} --markdown {tmp_path / '2.md'}`"), "the command as it was launched"
     assert (one[0]["processes"], two[0]["processes"]) == (1, 2)
     for a, b in zip(one, two):

@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import VisionEncoderDecoderModel
 
 import captioner
-from captioner import fastdecode
+from captioner import decoding
 from conftest import FAMILIES, atol, build_family, image_for
 from servers import launch
 
@@ -56,7 +56,7 @@ def test_every_family_captions_explains_and_remaps(families, name):
             plain = reference.generate(pixel_values=cap.pixel_values(image), num_beams=4, max_new_tokens=8)
         ids = plain[0, 1:].tolist()
         ids = ids[: ids.index(cap.eos_token_id)] if cap.eos_token_id in ids else ids
-        assert fastdecode.unsupported(cap.model, False) is None
+        assert decoding.unsupported(cap.model, False) is None
         assert cap.caption(image, max_new_tokens=8, num_beams=4).token_ids == ids
 
 

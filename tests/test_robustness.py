@@ -29,9 +29,10 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from captioner import attention, images
+from captioner import images
 from captioner.decoding import LIMITS, GenerationSettings
 from conftest import CAPTIONS, image_for
+from page.inputs import parse_layers
 from servers import app_running, launch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -422,7 +423,7 @@ def test_odd_typed_captions_are_explained_or_refused(client, normal_image, text)
 def test_a_huge_layer_range_is_refused_before_it_is_expanded():
     """'0-400000000' from a visitor's Layers box would build a ~16 GB list if expanded before checking."""
     with pytest.raises(ValueError, match="layers"):
-        attention.parse_layers("0-400000000")
+        parse_layers("0-400000000")
 
 
 def test_num_beams_none_is_refused_naming_it(tiny):
@@ -574,7 +575,7 @@ def test_settings_are_within_limits_or_a_value_error_names_the_field(values, do_
 @given(st.text(max_size=30))
 def test_parse_layers_gives_none_a_list_or_a_value_error(text):
     try:
-        got = attention.parse_layers(text)
+        got = parse_layers(text)
     except ValueError as e:
         assert "layers" in str(e)
     else:
@@ -590,10 +591,10 @@ def test_parse_layers_reads_what_the_page_promises(parts, sep):
     """The Layers box says "all, -1, 0-3 or 1,4"."""
     text, want = sep.join(p for p, _ in parts), [i for _, layers in parts for i in layers]
     if want:
-        assert attention.parse_layers(text) == want
+        assert parse_layers(text) == want
     else:
         with pytest.raises(ValueError, match="selects no layer"):
-            attention.parse_layers(text)
+            parse_layers(text)
 
 
 # ----------------------------------------------------------------------------------- the load test, as a smoke test

@@ -13,9 +13,9 @@ import torch
 from transformers import VisionEncoderDecoderModel
 
 import captioner
-from captioner import fastdecode
+from captioner import decoding, kernels
 from captioner.decoding import GenerationSettings, generate_batch, generate_ids
-from captioner.fastdecode import conv1d_out_in
+from captioner.kernels import conv1d_out_in
 from captioner.quantize import conv1d_to_linear
 from captioner_train.vocabulary import random_bpe_tokenizer
 from conftest import CAPTIONS, atol, image_for
@@ -54,7 +54,7 @@ def _fast(cap, images, num_beams, max_new_tokens) -> list[list[int]]:
     with torch.no_grad():
         hidden = cap.model.encoder(pixel_values=_pixels(cap, images)).last_hidden_state  # (B, N, D)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, num_beams=num_beams)
-    assert fastdecode.unsupported(cap.model, False) is None, "these fixtures must take the fast path"
+    assert decoding.unsupported(cap.model, False) is None, "these fixtures must take the fast path"
     return [d.ids for d in generate_batch(cap.model, hidden, settings, cap.eos_token_id, fast=True)]
 
 
@@ -68,7 +68,7 @@ def random_eos(random_tiny):
 
 
 @pytest.mark.parametrize("fixture", ["tiny", "random_tiny", "random_eos"])
-def test_fast_tokens_equal_plain_generate(request, fixture):
+def test_fast_tokens_equal_plain_generate(request, fixture, kernel):
     """Greedy and several beam widths, every image, short and long limits: the same tokens as generate on the
     model as transformers loads it, one image at a time. Except on random_tiny (whose EOS never wins), both ways
     a caption ends occur: by EOS and by the limit."""
@@ -88,7 +88,7 @@ def test_fast_tokens_equal_plain_generate(request, fixture):
 
 @pytest.mark.parametrize("fixture", ["tiny", "random_tiny", "random_eos"])
 @pytest.mark.parametrize("num_beams", [1, 3, 4])
-def test_fast_batch_equals_plain_generate_batch(request, fixture, num_beams):
+def test_fast_batch_equals_plain_generate_batch(request, fixture, num_beams, kernel):
     """Several images in one call: each row's beams stay with its own image."""
     cap = request.getfixturevalue(fixture)
     images = [image_for(k) for k in (0, 1, 2, 3, 1)]
@@ -96,7 +96,7 @@ def test_fast_batch_equals_plain_generate_batch(request, fixture, num_beams):
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_attention_recorded_while_decoding_equals_a_forced_pass(random_tiny, num_beams):
+def test_attention_recorded_while_decoding_equals_a_forced_pass(random_tiny, num_beams, kernel):
     """Decoding keeps the cross-attention and probability of the beam rows that produced each token; they must be
     what a forced pass over the final tokens gives, on our model and on the model as transformers loads it."""
     image = image_for(2)
@@ -123,12 +123,12 @@ def test_attention_recorded_while_decoding_equals_a_forced_pass(random_tiny, num
 
 def test_settings_the_fast_path_cannot_reproduce_go_to_generate(random_tiny):
     model = random_tiny.model
-    assert fastdecode.unsupported(model, do_sample=True) == "sampling"
+    assert decoding.unsupported(model, do_sample=True) == "sampling"
     with torch.no_grad():
         hidden = model.encoder(pixel_values=_pixels(random_tiny, [image_for(0)])).last_hidden_state
     model.generation_config.no_repeat_ngram_size = 1  # a logits processor fastdecode does not implement
     try:
-        assert "no_repeat_ngram_size" in fastdecode.unsupported(model, do_sample=False)
+        assert "no_repeat_ngram_size" in decoding.unsupported(model, do_sample=False)
         decoded = generate_ids(model, hidden, GenerationSettings(max_new_tokens=12, num_beams=3),
                                random_tiny.eos_token_id)
         assert decoded.cross is None, "generate decoded, so nothing was recorded"
@@ -142,7 +142,8 @@ def test_settings_the_fast_path_cannot_reproduce_go_to_generate(random_tiny):
 
 @pytest.mark.parametrize("length_penalty, early_stopping", [(0.5, False), (2.0, True), (1.5, "never"),
                                                             (-1.0, False), (0.0, True), (3.0, "never")])
-def test_beam_search_follows_length_penalty_and_early_stopping(random_eos, tiny, length_penalty, early_stopping):
+def test_beam_search_follows_length_penalty_and_early_stopping(random_eos, tiny, length_penalty, early_stopping,
+                                                                kernel):
     """generate's scoring (sum of logp / length ** length_penalty) and its three stopping rules, on a model whose
     beams end both by EOS and by the length limit."""
     for cap in (random_eos, tiny):
@@ -160,7 +161,7 @@ def test_beam_search_follows_length_penalty_and_early_stopping(random_eos, tiny,
 
 
 @pytest.mark.parametrize("setting, values", [("length_penalty", (-2.0, 3.0)), ("early_stopping", (False, "never"))])
-def test_the_settings_above_change_which_beam_wins(random_eos, setting, values):
+def test_the_settings_above_change_which_beam_wins(random_eos, setting, values, kernel):
     """The test above has power: on these images the length penalty, and "never" against False, pick other
     captions (with 2 beams: "never" keeps searching after False would have stopped)."""
     gen = random_eos.model.generation_config
@@ -182,14 +183,14 @@ def test_both_kernels_compute_the_layer(random_tiny, threads, rows):
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        layers = [m for m in random_tiny.model.decoder.modules() if fastdecode._weight(m) is not None]
-        assert any(fastdecode._weight(m).shape[0] % threads for m in layers) == (threads in (3, 7))
+        layers = [m for m in random_tiny.model.decoder.modules() if kernels.weight(m) is not None]
+        assert any(kernels.weight(m).shape[0] % threads for m in layers) == (threads in (3, 7))
         for layer in layers:
-            x = torch.randn(rows, fastdecode._weight(layer).shape[1], device=random_tiny.device,
+            x = torch.randn(rows, kernels.weight(layer).shape[1], device=random_tiny.device,
                             dtype=random_tiny.model.dtype)
             want = layer(x)  # the module's own forward (Conv1D: x @ W + b)
-            for kernel in fastdecode.KERNELS:
-                got = fastdecode.Kernels(random_tiny.model.decoder, force=kernel).linear(x, layer)
+            for kernel in kernels.KERNELS:
+                got = kernels.Kernels(random_tiny.model.decoder, force=kernel).linear(x, layer)
                 assert got.shape == want.shape and torch.allclose(got, want, atol=atol(random_tiny)), kernel
     finally:
         torch.set_num_threads(saved)
@@ -197,26 +198,22 @@ def test_both_kernels_compute_the_layer(random_tiny, threads, rows):
 
 def test_kernels_are_chosen_by_timing_and_decode_the_same(random_eos):
     """The timed choice records both candidates' speeds; forcing either kernel decodes the same tokens and maps."""
-    kernels = fastdecode.Kernels(random_eos.model.decoder)
-    w = fastdecode._weight(random_eos.model.decoder.lm_head)
+    timed = kernels.Kernels(random_eos.model.decoder)
+    w = kernels.weight(random_eos.model.decoder.lm_head)
     if random_eos.device.type != "cpu":
-        assert kernels.choose(w, 4) == "linear"
+        assert timed.choose(w, 4) == "linear"
         return
-    kernel = kernels.choose(w, 4)
-    (chosen, speeds), = kernels.chosen.values()
-    assert kernel == chosen in fastdecode.KERNELS and set(speeds) == set(fastdecode.KERNELS)
-    assert all(v > 0 for v in speeds.values()) and kernels.summary()[0].startswith(f"{w.shape[0]}x{w.shape[1]}")
+    kernel = timed.choose(w, 4)
+    (chosen, speeds), = timed.chosen.values()
+    assert kernel == chosen in kernels.KERNELS and set(speeds) == set(kernels.KERNELS)
+    assert all(v > 0 for v in speeds.values()) and timed.summary()[0].startswith(f"{w.shape[0]}x{w.shape[1]}")
     with pytest.raises(ValueError, match="kernel"):
-        fastdecode.Kernels(random_eos.model.decoder, force="magic")
+        kernels.Kernels(random_eos.model.decoder, force="magic")
     results = {}
-    saved = fastdecode.kernels_for(random_eos.model).force
-    try:
-        for kernel in fastdecode.KERNELS:
-            fastdecode.kernels_for(random_eos.model).force = kernel
+    for kernel in kernels.KERNELS:
+        with kernels.forced(kernel):
             results[kernel] = [random_eos.caption(image_for(k), max_new_tokens=24, num_beams=4, method="attention")
                                for k in range(len(CAPTIONS))]
-    finally:
-        fastdecode.kernels_for(random_eos.model).force = saved
     # The two kernels sum in different orders, and how far apart that leaves them depends on the CPU's BLAS: 2e-5 in
     # a map on an AMX Xeon, under 1e-5 on an AMD EPYC. Tokens must agree exactly.
     for a, b in zip(*results.values()):
@@ -225,7 +222,7 @@ def test_kernels_are_chosen_by_timing_and_decode_the_same(random_eos):
 
 def test_int8_fast_decoding_equals_generate_on_the_same_int8_model(tiny_dir):
     cap8 = captioner.load(tiny_dir, int8=True)
-    assert fastdecode.unsupported(cap8.model, False) is None
+    assert decoding.unsupported(cap8.model, False) is None
     for num_beams in (1, 4):
         for k in range(len(CAPTIONS)):
             assert _fast(cap8, [image_for(k)], num_beams, 24) == _plain(cap8, [image_for(k)], num_beams, 24), k
@@ -254,14 +251,14 @@ def test_a_decoder_that_is_not_gpt2_decodes_through_generate(tmp_path):
     tok.save_pretrained(tmp_path)
     image_processor(cfg).save_pretrained(tmp_path)
     cap = captioner.load(str(tmp_path))
-    assert "BertLMHeadModel" in fastdecode.unsupported(cap.model, False)
+    assert "BertLMHeadModel" in decoding.unsupported(cap.model, False)
     for method in captioner.METHODS:
         res = cap.caption(image_for(1), max_new_tokens=8, num_beams=3, method=method)
         assert res.token_ids == _plain(cap, [image_for(1)], 3, 8)[0]
         assert res.word_maps.shape == (len(res.words), *cap.grid) and np.isfinite(res.word_maps).all()
 
 
-def test_caption_batch_equals_caption(tiny):
+def test_caption_batch_equals_caption(tiny, kernel):
     images = [image_for(k) for k in range(len(CAPTIONS))]
     batch = tiny.caption_batch(images, max_new_tokens=40, num_beams=3)
     for image, res in zip(images, batch):
@@ -378,3 +375,18 @@ def test_bench_command_writes_the_tables_of_the_figures_it_returns(tiny_dir, tmp
     command = "python -m captioner_train.bench " + " ".join(argv)
     assert (tmp_path / "b.md").read_text() == report.markdown(command, bench.markdown_tables(results))
     assert bench.text_report(results) in capsys.readouterr().out
+
+
+def test_a_forced_kernel_runs_every_product_of_the_decoding(random_tiny, monkeypatch):
+    """`kernels.forced` is what the exact tests rely on: under it, decoding's products run on that kernel only."""
+    calls = []
+    split = kernels.bmm_split
+    monkeypatch.setattr(kernels, "bmm_split", lambda *args: calls.append(args) or split(*args))
+    for kernel in kernels.KERNELS:
+        calls.clear()
+        with kernels.forced(kernel):
+            random_tiny.caption(image_for(0), max_new_tokens=4, num_beams=2, method="attention")
+        assert bool(calls) == (kernel == "bmm"), kernel
+    with pytest.raises(ValueError, match="kernel"):
+        with kernels.forced("magic"):
+            pass

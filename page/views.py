@@ -1,13 +1,12 @@
 """What a page shows for a `CaptionResult`, drawn from the result alone (no model call): the caption's words
-labelled by confidence, a word's overlay, the CLS overlay, the per-word strip and a summary line; and the page's
-map controls turned into library arguments. numpy, OpenCV and the library only: `app.py` wires these to Gradio."""
+labelled by confidence, a word's overlay, the CLS overlay, the per-word strip, a summary line, and the library's
+notes in the page's words. numpy, OpenCV and the library only: `app.py` wires these to Gradio."""
 from __future__ import annotations
 
 import dataclasses
 
-from . import render
-from .attention import parse_layers
-from .pipeline import DEFAULT_METHOD, CaptionResult, Captioner
+from captioner import CaptionResult, Captioner, render
+from captioner.pipeline import SCENES_ONLY, photo_advice
 
 SELECTED, SURE, LIKELY, UNSURE = "selected", "sure (≥ 90%)", "likely (50–90%)", "unsure (< 50%)"
 
@@ -38,10 +37,19 @@ def pictures(res: CaptionResult, k: int, grid: bool):
     return words, overlay, cls, render.word_strip(res.image, res.words, res.word_maps, grid=grid, view=res.view)
 
 
-def for_page(res: CaptionResult) -> CaptionResult:
-    """The result with its image at most PAGE_MAX_SIDE px: what a visitor's state keeps (2.4 MB at 1024x768; a
-    2048 px photo would be 9 MB a visitor for an hour)."""
-    return dataclasses.replace(res, image=render.shrink(res.image))
+def worded(note: str, cap: Captioner) -> str:
+    """A library note as the page says it: a photo given to the scene model names the Model menu entry to choose
+    instead of the model to load."""
+    if not (cap.photo_model and note.startswith(SCENES_ONLY)):
+        return note
+    return note.replace(photo_advice(cap.photo_model), f"For photos, choose {cap.photo_model} in the Model menu (on "
+                        "the Space, or wherever the hub is reachable).")
+
+
+def for_page(res: CaptionResult, cap: Captioner) -> CaptionResult:
+    """The result as a visitor's page holds it: its image at most PAGE_MAX_SIDE px (2.4 MB at 1024x768; a 2048 px
+    photo would be 9 MB a visitor for an hour) and its notes in the page's words."""
+    return dataclasses.replace(res, image=render.shrink(res.image), notes=[worded(n, cap) for n in res.notes])
 
 
 def summary(res: CaptionResult, device) -> str:
@@ -53,13 +61,3 @@ def summary(res: CaptionResult, device) -> str:
     return f"{notes}**Word probabilities** {probs}\n\n**Model** `{res.model}` on {device} · maps: {res.method} · " \
         f"grid {res.grid[0]}×{res.grid[1]} · {timings}"
 
-
-def map_arguments(cap: Captioner, method: str | None, layers: str | None, head: int | None) -> dict:
-    """The page's map controls as library arguments, checked. The page's default method stands for the model's
-    own default (attention for a Swin encoder or an int8 model, which cannot compute relevance); layers and head,
-    hidden on the page for relevance (it weighs every layer and head itself), are dropped there."""
-    method = method or DEFAULT_METHOD
-    if method == DEFAULT_METHOD:
-        method = cap.default_method
-    how = dict(method=method, layers=parse_layers(layers), head=None if head is None or head < 0 else int(head))
-    return dict(method=method) if method == "relevance" else how
