@@ -3,7 +3,7 @@ README states about maps, decoding, settings, limits, uploads, collections or th
 run the default-suite tests named for it, and print a Markdown row per change: the first test that failed, or NOT
 CAUGHT (with why, for a change known to be equivalent).
 
-    .venv/bin/python scripts/mutate.py                       # every change (tens of minutes on 2 cores)
+    .venv/bin/python scripts/mutate.py                       # every change (about 20 minutes on 2 cores)
     .venv/bin/python scripts/mutate.py 3 4                   # only changes 3 and 4 (their index in the list)
     .venv/bin/python scripts/mutate.py --list                # the changes and their indices, running nothing
     .venv/bin/python scripts/mutate.py --markdown docs/MUTATIONS.md   # also write the table, with machine and commit
