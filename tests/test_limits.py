@@ -154,14 +154,52 @@ def test_the_page_keeps_1024_px_and_shrinks_1025():
     assert render.shrink(np.zeros((300, 1025, 3), np.uint8)).shape == (300, 1024, 3)
 
 
-def test_the_queue_holds_32_and_a_visitors_state_an_hour(tiny_dir):
-    """README: a queue of at most 32; each visitor's state released an hour after last use. (Pinned as configured;
-    tests/test_robustness.py watches a state expire.)"""
+def test_the_queue_holds_32_waiting_visitors_and_refuses_the_33rd(tiny_dir, image_file, monkeypatch):
+    """README: one model call at a time and a queue of at most 32. With the model call held, 32 more requests wait
+    and the next is told the queue is full; all 33 are answered once the call goes on."""
+    import threading
+
+    import app
+    import captioner
+    from conftest import free_port
+
+    running, release, real = threading.Event(), threading.Event(), captioner.Captioner.caption
+
+    def held(self, *args, **kwargs):
+        running.set()
+        release.wait(120)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(captioner.Captioner, "caption", held)
+    demo = app.build_demo([tiny_dir])
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                            show_error=True, share=False, ssr_mode=False)
+    client, jobs = Client(url, analytics_enabled=False, verbose=False), []
+    cheap = dict(num_beams=1, max_new_tokens=4, method="attention", api_name="/caption")
+    try:
+        jobs.append(client.submit(handle_file(image_file), **cheap))
+        assert running.wait(60), "the first request reached the model"
+        jobs += [client.submit(handle_file(image_file), **cheap) for _ in range(32)]
+        for _ in range(600):  # until all 32 wait in the queue
+            if len(demo._queue) == 32:
+                break
+            threading.Event().wait(0.05)
+        assert len(demo._queue) == 32
+        with pytest.raises(Exception, match="Queue is full"):
+            client.submit(handle_file(image_file), **cheap).result(timeout=30)
+    finally:
+        release.set()
+        answered = [job.result(timeout=120)[RESULT]["caption"] for job in jobs]
+        demo.close()
+    assert len(answered) == 33
+
+
+def test_a_visitors_state_is_kept_an_hour(tiny_dir):
+    """README: each visitor's state released an hour after last use (tests/test_robustness.py watches one expire)."""
     import gradio as gr
 
     import app
 
     demo = app.build_demo([tiny_dir])
-    assert demo._queue.max_size == 32
     states = [b for b in demo.blocks.values() if isinstance(b, gr.State)]
     assert [s.time_to_live for s in states] == [3600]
