@@ -4,7 +4,9 @@ is accepted, one step outside is refused with a message naming the limit. Where 
 constant is made smaller and the real comparison still runs; the real constant is pinned beside it."""
 from __future__ import annotations
 
+import io
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from PIL import Image
 
 from captioner import attention, images, pipeline, render
 from captioner.decoding import LIMITS, GenerationSettings
-from conftest import CAPTIONS, image_for
+from conftest import CAPTIONS, free_port, image_for
 
 RESULT = 4  # /caption returns (words, word overlay, CLS overlay, strip, result JSON, info)
 # README ("A Space that survives the public"): beams 1-8, max new tokens 1-64, temperature 0.05-5, top-k 0-1000,
@@ -66,7 +68,6 @@ def test_generation_limits_hold_at_both_ends_through_the_page(client, image_file
 
 
 def _png(w: int, h: int) -> bytes:
-    import io
     buf = io.BytesIO()
     Image.new("RGB", (w, h), (30, 60, 90)).save(buf, "PNG")
     return buf.getvalue()
@@ -157,11 +158,8 @@ def test_the_page_keeps_1024_px_and_shrinks_1025():
 def test_the_queue_holds_32_waiting_visitors_and_refuses_the_33rd(tiny_dir, image_file, monkeypatch):
     """README: one model call at a time and a queue of at most 32. With the model call held, 32 more requests wait
     and the next is told the queue is full; all 33 are answered once the call goes on."""
-    import threading
-
     import app
     import captioner
-    from conftest import free_port
 
     running, release, real = threading.Event(), threading.Event(), captioner.Captioner.caption
 

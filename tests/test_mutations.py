@@ -3,6 +3,7 @@ catch it exists and runs in the default suite. Reads files only; `scripts/mutate
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import sys
 
@@ -22,6 +23,7 @@ def _mutations():
 MUTATIONS = _mutations()
 
 
+@functools.cache
 def _tests_in(path) -> dict[str, bool]:
     """{test function name: marked slow} for the test functions of a file, top level or in classes."""
     tree = ast.parse(path.read_text())
