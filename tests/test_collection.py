@@ -16,6 +16,7 @@ import captioner.collection as collection
 import captioner.images as images
 from captioner.__main__ import main as cli
 from captioner.collection import parts_dir, read_maps
+from captioner.distributed import Ranks
 from conftest import ROOT, atol, image_for, torchrun
 
 
@@ -124,6 +125,23 @@ def test_a_rerun_after_a_cut_skips_what_was_done(tiny_dir, tmp_path, monkeypatch
     assert cli([*args[:3], "--out", str(fresh), *args[5:]]) == 0
     assert [(a["path"], a.get("caption")) for a in lines_of(out)] == \
            [(b["path"], b.get("caption")) for b in lines_of(fresh)]
+
+
+def test_shard_lines_cut_short_are_skipped_and_unterminated_ones_end_in_a_newline(tmp_path):
+    """What a rerun reads from the shards of a killed run: a line cut mid-write is not done, the first line of a path
+    wins, and a whole line without its newline still ends in one, or the merge would glue it to the next."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text('{"path": "x.png", "caption": "first"}\n{"path": "y.png", "capt')  # killed mid-line
+    b.write_text('{"path": "x.png", "caption": "again"}\n{"path": "z.png", "caption": "z"}')  # no final newline
+    assert collection.read_lines([a, b]) == {"x.png": '{"path": "x.png", "caption": "first"}\n',
+                                             "z.png": '{"path": "z.png", "caption": "z"}\n'}
+
+
+def test_each_batch_goes_to_exactly_one_process_round_robin():
+    """Process r of N takes batches r, r + N, ...: each batch once, and the batches a single process makes."""
+    batches = list(range(11))
+    assert [Ranks(r, 3).share(batches) for r in range(3)] == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
+    assert Ranks().share(batches) == batches
 
 
 SPY = """

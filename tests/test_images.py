@@ -37,11 +37,13 @@ def test_arrays_of_other_dtypes_are_scaled():
 
 
 def test_exif_rotation_is_applied():
-    img = Image.new("RGB", (30, 10), (0, 0, 0))
+    img = Image.new("RGB", (30, 12), (0, 0, 0))
+    img.paste((255, 0, 0), (0, 0, 30, 4))  # the stored top rows: upright, the right-hand columns
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90° clockwise to show upright
-    out = images.read_image(_png(img, "JPEG", exif=exif))
-    assert out.shape == (30, 10, 3)
+    exif[0x0112] = 6  # rotate 90° clockwise to show upright (how phones store portrait photos)
+    out = images.read_image(_png(img, "JPEG", exif=exif, quality=95))
+    assert out.shape == (30, 12, 3)
+    assert out[:, -2:, 0].mean() > 200 > 50 > out[:, :6, 0].mean(), "the red band must end up on the right"
 
 
 def test_first_frame_of_an_animation():
