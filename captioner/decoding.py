@@ -39,7 +39,7 @@ class GenerationSettings:
         values = asdict(self)
         for name, (lo, hi) in LIMITS.items():
             v = values[name]
-            if v is None and name == "seed":  # the only setting that may be left out
+            if v is None and name in ("seed", "max_new_tokens"):  # left to be drawn / to the model's own length
                 continue
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or v != v:
                 raise ValueError(f"{name} must be a number between {lo} and {hi}, got {v!r}.")

@@ -1,4 +1,4 @@
-"""Every limit README states (and the ones the code adds at the edge), at its own threshold: the value at the limit
+"""Every limit the docs state (docs/robustness.md) (and the ones the code adds at the edge), at its own threshold: the value at the limit
 is accepted, one step outside is refused with a message naming the limit. Where a real-size input would be heavy
 (a 40 MP image, a 500-character caption that the tiny model could not tokenise within its 39 positions) the
 constant is made smaller and the real comparison still runs; the real constant is pinned beside it."""
@@ -15,12 +15,14 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from captioner import attention, images, pipeline, render
+from captioner import images, pipeline, render
 from captioner.decoding import LIMITS, GenerationSettings
-from conftest import CAPTIONS, free_port, image_for
+from conftest import CAPTIONS, image_for
+from page.inputs import parse_layers
+from servers import launch
 
 RESULT = 4  # /caption returns (words, word overlay, CLS overlay, strip, result JSON, info)
-# README ("A Space that survives the public"): beams 1-8, max new tokens 1-64, temperature 0.05-5, top-k 0-1000,
+# docs/robustness.md (the limits): beams 1-8, max new tokens 1-64, temperature 0.05-5, top-k 0-1000,
 # top-p 0.01-1; the seed is any 32-bit value. Each with the step of its control on the page.
 README_LIMITS = {"max_new_tokens": (1, 64, 1), "num_beams": (1, 8, 1), "temperature": (0.05, 5.0, 0.05),
                  "top_k": (0, 1000, 1), "top_p": (0.01, 1.0, 0.01), "seed": (0, 2**32 - 1, 1)}
@@ -124,10 +126,10 @@ def test_typed_captions_hold_at_the_character_and_token_limits(tiny, monkeypatch
 
 
 def test_layer_and_head_choices_hold_at_the_models_edges(tiny):
-    assert len(attention.parse_layers("0-1000")) == 1001 and attention.parse_layers("-1000") == [-1000]
+    assert len(parse_layers("0-1000")) == 1001 and parse_layers("-1000") == [-1000]
     for spec in ("0-1001", "-1001"):
         with pytest.raises(ValueError, match="layers"):
-            attention.parse_layers(spec)
+            parse_layers(spec)
     layers, heads = tiny.model.config.decoder.n_layer, tiny.model.config.decoder.n_head
     assert tiny.model.config.encoder.num_hidden_layers == layers  # so one choice fits the CLS map's layers too
     text = CAPTIONS[1]
@@ -171,8 +173,7 @@ def test_the_queue_holds_32_waiting_visitors_and_refuses_the_33rd(tiny_dir, imag
 
     monkeypatch.setattr(captioner.Captioner, "caption", held)
     demo = app.build_demo([tiny_dir])
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                            show_error=True, share=False, ssr_mode=False)
+    url = launch(demo, show_error=True)
     client, jobs = Client(url, analytics_enabled=False, verbose=False), []
     cheap = dict(num_beams=1, max_new_tokens=4, method="attention", api_name="/caption")
     try:
