@@ -15,7 +15,7 @@ import gradio as gr
 
 import captioner
 from captioner import images
-from page import views
+from page import check, views
 from page.inputs import image_input, map_arguments, setting, whole_number
 
 EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "assets" / "examples").glob("*.*") if p.suffix != ".md")
@@ -65,8 +65,9 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
         cap = loaded.get(model)
         settings = captioner.GenerationSettings(max_new_tokens, num_beams, do_sample, temperature, top_k, top_p,
                                                 None if seed is None or seed < 0 else seed)
-        res = cap.caption(image, settings, **map_arguments(cap, method, layers, head))
-        return _publish(cap, res, grid, model)
+        # the caption with its attention maps as soon as decoding ends, then the chosen method's maps
+        for n, res in enumerate(cap.caption_stream(image, settings, **map_arguments(cap, method, layers, head))):
+            yield _publish(cap, res, grid, model, toast=n == 0)
 
     @page_errors
     @on_gpu
@@ -111,6 +112,7 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
         return [gr.update(visible=method != "relevance")] * 2
 
     first = loaded.get(None)
+    shared = dict(concurrency_id="model", concurrency_limit=1)  # one model call at a time
     with gr.Blocks(title="Where did the captioner look?") as demo:
         gr.Markdown("# Where did the captioner look?\nCaption an image, then **click any word** to see where the "
                     "decoder looked while writing it (cross-attention), beside where the ViT's CLS token looked.")
@@ -152,6 +154,7 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
                                          elem_id="word-map", interactive=False)
                     cls_view = gr.Image(label="ViT CLS-token attention", format="png", elem_id="cls-map",
                                         interactive=False)
+                check.panel(loaded, state, grid, image, model, [method, layers, head], shared)
                 gr.Markdown("**Every word at once** (download the PNG from its corner)")
                 strip = gr.Image(label="Every word at once", show_label=False, format="png", elem_id="strip",
                                  interactive=False)
@@ -165,7 +168,6 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
             hm_out, hm_btn = gr.Image(format="png"), gr.Button()
 
         outputs = [words, word_view, cls_view, strip, result, info, state]
-        shared = dict(concurrency_id="model", concurrency_limit=1)
         how = [method, layers, head]
         run.click(caption, [image, max_new, beams, sample, temp, top_k, top_p, seed, model, grid, *how], outputs,
                   api_name="caption", **shared)
