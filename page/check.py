@@ -10,11 +10,10 @@ import gradio as gr
 import numpy as np
 
 from captioner import METHODS, render
-from captioner.check import FAITHFUL, NOT_FAITHFUL, Check, check_word
+from captioner.check import Check, check_word
 from page.inputs import map_arguments, whole_number
 from page.serving import on_gpu, page_errors
 
-VERDICT_MARK = {FAITHFUL: "✅", NOT_FAITHFUL: "❌"}  # inconclusive: ❔
 HOT, RANDOM, AXES = (220, 38, 38), (100, 116, 139), (30, 30, 30)  # RGB
 
 
@@ -23,7 +22,7 @@ def curve(c: Check, size: tuple[int, int] = (260, 480)) -> np.ndarray:
     ones (grey: mean, with a bar of ± one standard deviation)."""
     h, w = size
     img = np.full((h, w, 3), 255, np.uint8)
-    left, right, top, bottom = 48, w - 16, 28, h - 40
+    left, right, top, bottom = 48, w - 16, 36, h - 40
     xs = [0.0, *c.fractions]
 
     def at(f: float, p: float) -> tuple[int, int]:
@@ -53,7 +52,7 @@ def verdict_markdown(c: Check) -> str:
     """The verdict in plain words, then the figures behind it."""
     rows = "\n".join(f"| {f:.0%} ({n} patches) | {h:.2f} | {m:.2f} ± {s:.2f} |" for f, n, h, m, s in zip(
         c.fractions, c.patches, c.hottest, c.random_mean, c.random_std))
-    return (f"### {VERDICT_MARK.get(c.verdict, '❔')} {c.verdict}: '{c.word}' ({c.method} map)\n\n{c.sentence}\n\n"
+    return (f"### Verdict: {c.verdict}: '{c.word}' ({c.method} map)\n\n{c.sentence}\n\n"
             f"| hidden | p, hottest patches hidden | p, random patches hidden (mean ± sd) |\n|---|---|---|\n"
             f"| 0% | {c.p:.2f} | {c.p:.2f} |\n{rows}\n\nHidden patches are filled with the model's mean colour "
             f"{tuple(c.fill)}; {len(c.random[0])} random draws per row, seed {c.seed}.")
@@ -108,8 +107,8 @@ def panel(loaded, state, grid, image, model, how, shared: dict) -> None:
             run_check = gr.Button("Check this word's map", elem_id="check-btn")
             run_compare = gr.Button("Methods side by side", elem_id="compare-btn")
         verdict = gr.Markdown(elem_id="check-verdict")
-        plot = gr.Image(label="Word probability as the image is hidden", format="png", elem_id="check-curve",
-                        interactive=False)
+        plot = gr.Image(label="Word probability as the image is hidden", show_label=False, format="png",
+                        elem_id="check-curve", interactive=False)
         methods = gr.Gallery(label="The selected word by each method", columns=3, rows=1, format="png",
                              elem_id="methods", interactive=False)
     with gr.Row(visible=False):  # the /check endpoint's own inputs and output

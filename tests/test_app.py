@@ -187,7 +187,7 @@ def test_clicks_and_the_grid_redraw_from_the_state_and_a_method_change_never_reg
         return f"'{res.words[k]}'  p={res.word_probs[k]:.2f}"
 
     for k in range(len(res.words)):
-        words, overlay, state = page["on_select"](state, False, gr.SelectData(None, {"index": k, "value": None}))
+        words, overlay = page["on_select"](state, False, gr.SelectData(None, {"index": k, "value": None}))
         assert np.array_equal(overlay, render.titled_overlay(res.image, res.word_maps[k], title(k)))
         assert [label for _, label in words].count("selected") == 1 and words[k][1] == "selected"
     k = len(res.words) - 1  # the word selected last stays selected when the grid is drawn
@@ -250,11 +250,34 @@ def test_the_page_names_its_model_menu_where_the_library_names_the_model_to_load
 
 
 def test_the_caption_handler_shows_attention_maps_first_then_the_default_map(page, tiny):
-    first, last = _streamed(page, image_for(1), 40)
+    stream = page["caption"](image_for(1), 40)
+    first = next(stream)
     assert first[-1]["result"].method == first[RESULT]["method"] == "attention"
+    last = next(stream)
     assert last[-1]["result"].method == last[RESULT]["method"] == "relevance"
+    assert last[-1] is first[-1], "one state for both answers: a click on the first is not lost"
+    assert next(stream, None) is None
     assert first[RESULT]["words"] == last[RESULT]["words"] == tiny.caption(image_for(1), max_new_tokens=40).words
     assert len(_streamed(page, image_for(1), 40, 4, False, 1.0, 50, 1.0, -1, None, False, "attention")) == 1
+
+
+def test_a_word_clicked_on_the_first_answer_stays_selected_when_the_default_map_replaces_it(page):
+    import gradio as gr
+
+    from captioner import render
+
+    stream = page["caption"](image_for(0), 40)
+    first = next(stream)
+    assert first[-1]["result"].method == "attention"
+    words, overlay = page["on_select"](first[-1], False, gr.SelectData(None, {"index": 2, "value": None}))
+    res = first[-1]["result"]
+    assert np.array_equal(overlay, render.titled_overlay(res.image, res.word_maps[2], f"'{res.words[2]}'  "
+                                                         f"p={res.word_probs[2]:.2f}")), "the click drew attention"
+    last = next(stream)
+    res = last[-1]["result"]
+    assert res.method == "relevance" and last[-1]["word"] == 2 and last[0][2][1] == "selected"
+    assert np.array_equal(last[1], render.titled_overlay(res.image, res.word_maps[2], f"'{res.words[2]}'  "
+                                                         f"p={res.word_probs[2]:.2f}"))
 
 
 def test_the_check_endpoint_is_the_library_check_of_the_explained_caption(client, tiny, image_file):
@@ -275,7 +298,7 @@ def test_the_check_and_the_methods_side_by_side_use_the_selected_word_of_the_sho
 
     state = _streamed(page, image_for(0), 40)[-1][-1]
     res = state["result"]
-    state = page["on_select"](state, False, gr.SelectData(None, {"index": 2, "value": None}))[-1]
+    page["on_select"](state, False, gr.SelectData(None, {"index": 2, "value": None}))  # selects in place
     verdict, curve = page["check_map"](state)
     c = check_word(tiny, res, 2)
     assert c.sentence in verdict and c.verdict in verdict and curve.ndim == 3
@@ -285,3 +308,22 @@ def test_the_check_and_the_methods_side_by_side_use_the_selected_word_of_the_sho
         mapped = tiny.remap(res, method=m)
         want = render.titled_overlay(res.image, mapped.word_maps[2], f"{m}: '{res.words[2]}'")
         assert np.array_equal(overlay, want), m
+
+
+def test_a_word_clicked_while_the_default_map_is_drawn_is_the_one_it_shows(page, monkeypatch):
+    from page import views
+
+    stream = page["caption"](image_for(0), 40)
+    first = next(stream)
+    pictures = views.pictures
+
+    def clicked_meanwhile(res, k, grid):  # the visitor clicks word 3 of the first answer while these are drawn
+        drawn = pictures(res, k, grid)
+        first[-1]["word"] = 3
+        return drawn
+
+    monkeypatch.setattr(views, "pictures", clicked_meanwhile)
+    last = next(stream)
+    res = last[-1]["result"]
+    assert res.method == "relevance" and last[-1]["word"] == 3 and last[0][3][1] == "selected"
+    assert np.array_equal(last[1], views.word_view(res, 3, False)[1])
