@@ -99,8 +99,11 @@ def test_hiding_an_objects_hottest_quarter_drops_its_word_more_than_random_quart
 
 
 @pytest.mark.slow
-def test_on_a_dozen_held_out_scenes_the_check_finds_the_default_map_faithful(bundled):
-    drops = _object_drops(bundled, range(EVAL_SEEDS_START, EVAL_SEEDS_START + 12))
-    hot, rand, verdicts = zip(*drops)
-    assert np.mean(hot) - np.mean(rand) >= MARGIN, drops
-    assert verdicts.count(FAITHFUL) >= 0.8 * len(verdicts), verdicts
+def test_on_50_held_out_scenes_the_check_passes_own_maps_and_fails_wrong_ones(bundled):
+    """docs/maps.md's rates (`python -m captioner_train.check_rates`): own maps 78 % faithful, another object's
+    map 6 %; allowed 8 points either way."""
+    from captioner_train.check_rates import check_rates
+
+    own, wrong = check_rates(bundled, 50)
+    assert own[FAITHFUL] / sum(own.values()) >= 0.70, own
+    assert wrong[FAITHFUL] / sum(wrong.values()) <= 0.14 and wrong[NOT_FAITHFUL] > 0.6 * sum(wrong.values()), wrong
