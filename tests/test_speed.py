@@ -349,7 +349,7 @@ def test_bench_figures_and_the_markdown_tables_written_from_them(tiny, tiny_dir,
                 str(c.words)] in rows
         assert c.full > 0, "the default map's time is measured"
     k = figures.check
-    assert k.images == 1 + 3 * 5 and ["tiny", str(k.images), f"{k.check:.3f}", f"{k.caption:.3f}",
+    assert k.images == 1 + 3 * 3 and ["tiny", str(k.images), f"{k.check:.3f}", f"{k.caption:.3f}",
                                       f"{k.check / k.caption:.2f}x"] in rows
     assert f"tiny: map check of one word ({k.images} images, one batch) {k.check:.3f} s" in bench.text_report(results)
     m, q, b = figures.maps, figures.int8, figures.batch
