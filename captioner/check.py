@@ -145,7 +145,7 @@ def judge(word: str, p: float, fractions: list[float], hottest: np.ndarray, rand
     The smallest fraction decides: the larger ones also cover what the word does not depend on (other objects in
     a caption that names them), and there another word's map beats random too. On held-out scenes of the bundled
     model a wrong map (another object's) passes at 10 % a few times in a hundred, at the mean over 10/25/50 % a
-    third of the time (docs/maps.md)."""
+    third of the time (relevance maps, docs/maps.md)."""
     at = 0  # the fraction the verdict rests on, and the sentence quotes
     mean, std = random.mean(1), random.std(1)  # (F,)
     told = (f"hiding the hottest {_share(fractions[at])} of the map changes p({word}) from {p:.2f} to "
