@@ -15,7 +15,7 @@ import gradio as gr
 
 import captioner
 from captioner import images
-from page import views
+from page import check, views
 from page.inputs import image_input, map_arguments, setting, whole_number
 
 EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "assets" / "examples").glob("*.*") if p.suffix != ".md")
@@ -42,14 +42,14 @@ class Models:
 
 
 def _publish(cap: captioner.Captioner, res: captioner.CaptionResult, grid: bool, model: str | None,
-             toast: bool = True):
-    """Everything a caption shows; the state keeps the (display-sized) result, its model and the selected word.
-    toast: the result's notes also pop up (not again when only the maps of the same caption change)."""
+             toast: bool = True, word: int = 0):
+    """Everything a caption shows, word `word` selected; the state keeps the (display-sized) result, its model and
+    the selected word. toast: the result's notes also pop up (not again when only the same caption's maps change)."""
     res = views.for_page(res, cap)
     for note in res.notes if toast else ():  # also at the top of the summary; a toast is hard to miss
         gr.Warning(note)
-    return (*views.pictures(res, 0, grid), res.to_json(), views.summary(res, cap.device),
-            {"result": res, "model": model, "word": 0})
+    return (*views.pictures(res, word, grid), res.to_json(), views.summary(res, cap.device),
+            {"result": res, "model": model, "word": word})
 
 
 def build_demo(models: list[str] | None = None) -> gr.Blocks:
@@ -65,8 +65,15 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
         cap = loaded.get(model)
         settings = captioner.GenerationSettings(max_new_tokens, num_beams, do_sample, temperature, top_k, top_p,
                                                 None if seed is None or seed < 0 else seed)
-        res = cap.caption(image, settings, **map_arguments(cap, method, layers, head))
-        return _publish(cap, res, grid, model)
+        # the caption with its attention maps as soon as decoding ends, then the chosen method's maps
+        shown = None  # the page's state from the first answer on: on_select sets its word in place
+        for res in cap.caption_stream(image, settings, **map_arguments(cap, method, layers, head)):
+            *pictures, state = _publish(cap, res, grid, model, shown is None, word := shown["word"] if shown else 0)
+            if shown is not None:  # the default map: into the same state, so that no click is lost
+                if shown["word"] != word:  # clicked while these were drawn
+                    pictures[:2] = views.word_view(state["result"], shown["word"], grid)
+                state = shown.update(result=state["result"]) or shown
+            yield *pictures, (shown := state)
 
     @page_errors
     @on_gpu
@@ -99,7 +106,8 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
         if state is None:
             raise gr.Error("Caption an image first.")
         k = min(max(int(evt.index), 0), max(len(state["result"].words) - 1, 0))
-        return (*views.word_view(state["result"], k, grid), {**state, "word": k})
+        state["word"] = k  # in place, not an output: a caption still streaming its default map reads it
+        return views.word_view(state["result"], k, grid)
 
     def redraw(state, grid):
         """The grid checkbox: the same result drawn again, with or without the patch grid."""
@@ -111,6 +119,7 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
         return [gr.update(visible=method != "relevance")] * 2
 
     first = loaded.get(None)
+    shared = dict(concurrency_id="model", concurrency_limit=1)  # one model call at a time
     with gr.Blocks(title="Where did the captioner look?") as demo:
         gr.Markdown("# Where did the captioner look?\nCaption an image, then **click any word** to see where the "
                     "decoder looked while writing it (cross-attention), beside where the ViT's CLS token looked.")
@@ -152,6 +161,7 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
                                          elem_id="word-map", interactive=False)
                     cls_view = gr.Image(label="ViT CLS-token attention", format="png", elem_id="cls-map",
                                         interactive=False)
+                check.panel(loaded, state, grid, image, model, [method, layers, head], shared)
                 gr.Markdown("**Every word at once** (download the PNG from its corner)")
                 strip = gr.Image(label="Every word at once", show_label=False, format="png", elem_id="strip",
                                  interactive=False)
@@ -165,14 +175,13 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
             hm_out, hm_btn = gr.Image(format="png"), gr.Button()
 
         outputs = [words, word_view, cls_view, strip, result, info, state]
-        shared = dict(concurrency_id="model", concurrency_limit=1)
         how = [method, layers, head]
         run.click(caption, [image, max_new, beams, sample, temp, top_k, top_p, seed, model, grid, *how], outputs,
                   api_name="caption", **shared)
         run_typed.click(explain, [image, typed, model, grid, *how], outputs, api_name="explain", **shared)
         typed.submit(explain, [image, typed, model, grid, *how], outputs, api_visibility="private", **shared)
         hm_btn.click(heatmap, [image, hm_text, hm_index, model, grid, *how], hm_out, api_name="heatmap", **shared)
-        words.select(on_select, [state, grid], [words, word_view, state], api_visibility="private")
+        words.select(on_select, [state, grid], [words, word_view], api_visibility="private")
         grid.change(redraw, [state, grid], [words, word_view, cls_view, strip], api_visibility="private")
         method.change(show_method_controls, method, [layers, head], api_visibility="private")
         method.change(remap, [state, grid, *how], outputs, api_visibility="private", **shared)

@@ -233,6 +233,24 @@ class Captioner:
         rolled-out self-attention); None: the default. layers: decoder layers to average for word maps and encoder
         layers for the CLS map (None: all decoder layers, the last encoder layer); head: one head or None for the mean.
         """
+        rgb, enc, spelling, settings, notes, seconds, decoded = self._decoded(image, settings, overrides)
+        return self._mapped(rgb, enc, spelling, MapChoice(method, layers, head), settings, notes, seconds, decoded)
+
+    def caption_stream(self, image, settings: GenerationSettings | None = None, method: str | None = None,
+                       layers: list[int] | None = None, head: int | None = None, **overrides):
+        """`caption`, the first answer first: yields the caption with its attention maps as soon as decoding ends
+        (they cost nothing beyond decoding), then, when `method` resolves to another method, the same caption with
+        that method's maps (the image encoded and the caption decoded once). The last result equals `caption`'s."""
+        rgb, enc, spelling, settings, notes, seconds, decoded = self._decoded(image, settings, overrides)
+        how = MapChoice(self.resolve_method(method), layers, head)
+        first = MapChoice("attention", layers, head) if how.method != "attention" else how
+        fast = self._mapped(rgb, enc, spelling, first, settings, notes, dict(seconds), decoded)
+        yield fast
+        if how != first:
+            yield self._mapped(rgb, enc, spelling, how, settings, notes, seconds, decoded)
+
+    def _decoded(self, image, settings: GenerationSettings | None, overrides: dict):
+        """Encode and decode: what `_mapped` takes before the map choice."""
         settings = self._settings(settings, overrides)
         seconds = {}
         t = time.perf_counter()
@@ -244,8 +262,7 @@ class Captioner:
         seconds["generate"] = time.perf_counter() - t
         _, words, groups = group_generated(self.tokenizer, decoded.ids)
         notes = [] if words else [EMPTY_CAPTION]
-        return self._mapped(rgb, enc, Spelling(decoded.ids, words, groups), MapChoice(method, layers, head),
-                            asdict(settings), notes, seconds, decoded)
+        return rgb, enc, Spelling(decoded.ids, words, groups), asdict(settings), notes, seconds, decoded
 
     @torch.no_grad()
     def caption_batch(self, images: list, settings: GenerationSettings | None = None, method: str | None = None,

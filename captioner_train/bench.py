@@ -1,5 +1,6 @@
-"""How fast is `Captioner.caption` (caption + every word map + the CLS map) against plain `generate` (the caption
-alone), how close to the machine's floor, and what does the default map cost? Prints a table; asserts nothing.
+"""How fast is the page's first answer (`Captioner.caption` with attention maps: caption + every word map + the CLS
+map) against plain `generate` (the caption alone), how close to the machine's floor, what do the default map and
+the map check of one word cost? Prints a table; asserts nothing.
 `--markdown FILE` writes the figures as Markdown tables under a line naming machine, date, commit, torch and command.
 
     python -m captioner_train.bench [--model PATH] [--repeats N] [--full-size-dir DIR] [--markdown FILE]
@@ -76,18 +77,20 @@ def plain_generate(model, processor, image, num_beams: int, max_new_tokens: int 
 class Comparison:
     """Plain `generate` against `cap.caption` on one image, medians in seconds."""
     plain: float  # generate: the caption alone
-    ours: float  # caption(): caption and attention maps
+    ours: float  # the first answer: caption() with attention maps (what the page shows first)
     same: bool  # identical tokens
     tokens: int
     words: int
+    full: float = 0.0  # caption() with the default map method (what the page shows last)
 
 
 def compare(cap, anchor, image, num_beams: int, repeats: int) -> Comparison:
-    """Alternate plain generate and cap.caption (attention maps: what decoding itself costs) on one image, one
-    warm-up each; medians in seconds."""
-    plain, ours = [], []
+    """Alternate plain generate, cap.caption with attention maps (the first answer: what decoding itself costs)
+    and cap.caption with the default method on one image, one warm-up each; medians in seconds."""
+    plain, ours, full = [], [], []
     ids = plain_generate(anchor, cap.processor, image, num_beams)
     res = cap.caption(image, max_new_tokens=NEW_TOKENS, num_beams=num_beams, method="attention")
+    cap.caption(image, max_new_tokens=NEW_TOKENS, num_beams=num_beams)
     for _ in range(repeats):
         t = time.perf_counter()
         ids = plain_generate(anchor, cap.processor, image, num_beams)
@@ -95,7 +98,35 @@ def compare(cap, anchor, image, num_beams: int, repeats: int) -> Comparison:
         t = time.perf_counter()
         res = cap.caption(image, max_new_tokens=NEW_TOKENS, num_beams=num_beams, method="attention")
         ours.append(time.perf_counter() - t)
-    return Comparison(_median(plain), _median(ours), ids == res.token_ids, len(res.token_ids), len(res.words))
+        t = time.perf_counter()
+        cap.caption(image, max_new_tokens=NEW_TOKENS, num_beams=num_beams)
+        full.append(time.perf_counter() - t)
+    return Comparison(_median(plain), _median(ours), ids == res.token_ids, len(res.token_ids), len(res.words),
+                      _median(full))
+
+
+@dataclass
+class CheckCost:
+    """The faithfulness check of one word (`captioner.check_word`) against one caption, medians in seconds."""
+    check: float  # check_word: every hidden image in one encoder batch and one forced decoder pass
+    caption: float  # caption() (beam 4, default map) of the same image
+    images: int  # images in the check's batch (the whole one, the hottest and the random hidden ones)
+
+
+def check_cost(cap, image, repeats: int) -> CheckCost:
+    """Median seconds of `check_word` on word 1 of the image's caption (default map) and of that caption."""
+    res = cap.caption(image, max_new_tokens=NEW_TOKENS)
+    word = min(1, len(res.words) - 1)
+    c = captioner.check_word(cap, res, word)  # warm-up
+    checks, captions = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        captioner.check_word(cap, res, word)
+        checks.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        cap.caption(image, max_new_tokens=NEW_TOKENS)
+        captions.append(time.perf_counter() - t)
+    return CheckCost(_median(checks), _median(captions), 1 + len(c.fractions) * (1 + len(c.random[0])))
 
 
 def word_agreement(a: list, b: list) -> float:
@@ -310,6 +341,7 @@ class ModelBench:
     maps: MapCost
     int8: Int8Figures
     batch: BatchFigures
+    check: CheckCost | None = None  # the faithfulness check of one word
     cold: ColdStart | None = None  # measured separately (`cold_start`), in a fresh process
 
 
@@ -345,7 +377,8 @@ def bench_model(label: str, folder: str, image, int8_images: list, batch_images:
     rows = _decoding_rows(cap, folder, image, repeats)
     chosen = kernels.kernels_for(cap.model).summary()  # what decoding and the floor chose
     result = ModelBench(label, rows, _decoded_by(cap), chosen, map_cost(cap, image, text, repeats),
-                        _int8(folder, cap, int8_images), batch_figures(cap, batch_images))
+                        _int8(folder, cap, int8_images), batch_figures(cap, batch_images),
+                        check_cost(cap, image, repeats))
     return result, cap
 
 
@@ -355,13 +388,16 @@ def _text_rows(m: ModelBench) -> list[str]:
         r, f = row.comparison, row.floor
         rows.append(f"{m.label:<22} {row.mode:<7} {r.plain:>9.3f} s {r.ours:>9.3f} s {r.plain / r.ours:>6.2f}x"
                     f"  {'yes' if r.same else 'NO':<4} {f.floor:>7.3f} s {r.ours / f.floor:>6.2f}x"
-                    f"   {f.linear:>7.3f} s  {r.tokens:>3} tokens, {r.words} words")
+                    f"   {f.linear:>7.3f} s {r.full:>9.3f} s  {r.tokens:>3} tokens, {r.words} words")
     return rows
 
 
 def _text_extras(m: ModelBench) -> list[str]:
-    c, q, b = m.maps, m.int8, m.batch
-    return [f"{m.label}: greedy and beam search decoded by {m.decoded_by}",
+    c, q, b, k = m.maps, m.int8, m.batch, m.check
+    checked = [] if k is None else [
+        f"{m.label}: map check of one word ({k.images} images, one batch) {k.check:.3f} s vs one caption (beam 4, "
+        f"default map) {k.caption:.3f} s ({k.check / k.caption:.2f}x)"]
+    return [*checked, f"{m.label}: greedy and beam search decoded by {m.decoded_by}",
             f"{m.label}: kernels chosen on this machine (kernels.Kernels):",
             *(f"    {line}" for line in m.kernels),
             f"{m.label}: default map ({c.method}) vs attention, {c.words}-word caption: explain "
@@ -393,9 +429,10 @@ def text_report(bench: Bench) -> str:
                           "median")
         extras += _text_cold(m)
     return "\n".join([
-        f"\n{'model':<22} {'mode':<7} {'generate':>11} {'caption()':>11} {'ratio':>7}  {'same':<4} {'floor':>9} "
-        f"{'/floor':>7}   {'F.linear':>9}",
-        f"{'':<22} {'':<7} {'(caption)':>11} {'(+attn maps)':>11} {'':>7}  {'':<4} {'':>9} {'':>7}   {'floor':>9}",
+        f"\n{'model':<22} {'mode':<7} {'generate':>11} {'first':>11} {'ratio':>7}  {'same':<4} {'floor':>9} "
+        f"{'/floor':>7}   {'F.linear':>9} {'default':>11}",
+        f"{'':<22} {'':<7} {'(caption)':>11} {'answer':>11} {'':>7}  {'':<4} {'':>9} {'':>7}   {'floor':>9} "
+        f"{'map':>11}",
         *(row for m in bench.models for row in _text_rows(m)), "", *extras])
 
 
@@ -411,16 +448,18 @@ def markdown_tables(bench: Bench) -> list[tuple[str, str]]:
              "after a warm-up.")
     tables = [(
         f"Decoding, {setup} Columns: generate is plain `generate` (the caption alone, default SDPA attention); "
-        "caption() is `Captioner.caption` (caption and attention maps); ratio is generate / caption(); same: whether "
-        "the tokens are identical; floor is the encoder, then one pass over every decoder weight per token through "
-        "the kernels kernels.Kernels chose, and /floor caption() over it; F.linear floor the same pass through F.linear "
-        "alone; then the caption's length.",
-        _table(["model", "mode", "generate (s)", "caption() (s)", "ratio", "same", "floor (s)", "/floor",
-                "F.linear floor (s)", "tokens", "words"],
+        "first answer is the time to the page's first answer, `Captioner.caption` with attention maps (caption and "
+        "maps); ratio is generate / first answer; same: whether the tokens are identical; floor is the encoder, then "
+        "one pass over every decoder weight per token through the kernels kernels.Kernels chose, and /floor the first "
+        "answer over it; F.linear floor the same pass through F.linear alone; default map is `caption` with the "
+        "default map method (the page's last answer); then the caption's length.",
+        _table(["model", "mode", "generate (s)", "first answer (s)", "ratio", "same", "floor (s)", "/floor",
+                "F.linear floor (s)", "default map (s)", "tokens", "words"],
                [[m.label, row.mode, f"{row.comparison.plain:.3f}", f"{row.comparison.ours:.3f}",
                  f"{row.comparison.plain / row.comparison.ours:.2f}x", "yes" if row.comparison.same else "NO",
                  f"{row.floor.floor:.3f}", f"{row.comparison.ours / row.floor.floor:.2f}x",
-                 f"{row.floor.linear:.3f}", str(row.comparison.tokens), str(row.comparison.words)]
+                 f"{row.floor.linear:.3f}", f"{row.comparison.full:.3f}", str(row.comparison.tokens),
+                 str(row.comparison.words)]
                 for m in ms for row in m.decoding])), (
         "How each model is decoded, and the kernel kernels.Kernels chose for each weight shape on this machine (its "
         "timed bandwidth for both candidates).",
@@ -446,6 +485,15 @@ def markdown_tables(bench: Bench) -> list[tuple[str, str]]:
         _table(["model", "one at a time (img/s)", "batched (img/s)", "speed-up", "same tokens", "images"],
                [[m.label, f"{m.batch.single:.2f}", f"{m.batch.batched:.2f}", f"{m.batch.batched / m.batch.single:.2f}x",
                  f"{m.batch.same:.0%}", str(m.batch.n)] for m in ms]))]
+    checked = [m for m in ms if m.check is not None]
+    if checked:
+        tables.append((
+            "The map check of one word (`captioner.check_word`: the hottest 10/25/50 % of the map hidden and random "
+            "patches as many, in one encoder batch and one forced decoder pass) against one caption (beam 4, default "
+            "map) of the same image, in seconds; ratio is check / caption.",
+            _table(["model", "images in the batch", "check (s)", "caption (s)", "ratio"],
+                   [[m.label, str(m.check.images), f"{m.check.check:.3f}", f"{m.check.caption:.3f}",
+                     f"{m.check.check / m.check.caption:.2f}x"] for m in checked])))
     cold = [m for m in ms if m.cold is not None]
     if cold:
         tables.append((

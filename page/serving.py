@@ -6,6 +6,7 @@ and Gradio's output-image cache made safe for visitors who get the same picture 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import threading
 from pathlib import Path
@@ -20,7 +21,17 @@ from gradio import processing_utils
 
 
 def page_errors(fn):
-    """ValueError/RuntimeError from the library become messages on the page and AppErrors for API clients."""
+    """ValueError/RuntimeError from the library become messages on the page and AppErrors for API clients. A
+    generator (a handler that streams) stays one, so that Gradio streams it."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def streamed(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except (ValueError, RuntimeError) as e:
+                raise gr.Error(str(e)) from None
+        return streamed
+
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:

@@ -1,10 +1,12 @@
 """Regenerate assets/page.png, the README's picture of the page after a word click.
 
     .venv/bin/python scripts/screenshot.py [--word star] [--out assets/page.png]
+    .venv/bin/python scripts/screenshot.py --check --out assets/check.png   # with the map check open
 
 Starts the real page (`app.build_demo` with the bundled model) on 127.0.0.1, opens it in Debian's headless
 Chromium through playwright (never `playwright install`: the browser is /usr/bin/chromium), captions an example
-scene, clicks the word, waits for its overlay, stops the server and saves the page as a 256-colour PNG.
+scene, clicks the word, waits for its overlay (with --check: runs "Can I trust this map?" on it and shows the
+methods side by side), stops the server and saves the page as a 256-colour PNG.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--word", default="star", help="the caption word to click")
     parser.add_argument("--out", default=str(ROOT / "assets" / "page.png"))
     parser.add_argument("--width", type=int, default=1200, help="viewport width in CSS pixels")
+    parser.add_argument("--check", action="store_true", help="also check the word's map and compare the methods")
     args = parser.parse_args(argv)
 
     import gradio as gr
@@ -67,6 +70,11 @@ def main(argv: list[str] | None = None) -> None:
             before = page.locator("#word-map img").get_attribute("src")
             tokens.nth(words.index(args.word)).click()
             page.wait_for_function("prev => document.querySelector('#word-map img')?.src !== prev", arg=before)
+            if args.check:
+                page.click("#check-btn")
+                expect(page.locator("#check-curve img")).to_be_visible()
+                page.click("#compare-btn")
+                expect(page.locator("#methods img")).to_have_count(3)
             page.wait_for_function("() => [...document.querySelectorAll('img')].every(i => i.complete)")
             page.mouse.move(0, 0)  # no hover highlight in the picture
             shot = page.screenshot(full_page=True)

@@ -34,9 +34,9 @@ def captioned(client, image_file):
     return client.predict(handle_file(image_file), api_name="/caption")[RESULT]
 
 
-def test_named_endpoints_are_exactly_caption_explain_heatmap(client):
+def test_named_endpoints_are_exactly_caption_explain_heatmap_check(client):
     api = client.view_api(print_info=False, return_format="dict")
-    assert set(api["named_endpoints"]) == {"/caption", "/explain", "/heatmap"}
+    assert set(api["named_endpoints"]) == {"/caption", "/explain", "/heatmap", "/check"}
     assert not api["unnamed_endpoints"]  # the select handler and Enter-in-textbox are private
 
 
@@ -157,6 +157,11 @@ def page(demo):
     return {f.fn.__name__: f.fn for f in demo.fns.values() if f.fn is not None}
 
 
+def _streamed(page, *args) -> list[tuple]:
+    """Every update the streaming caption handler yields, in order."""
+    return list(page["caption"](*args))
+
+
 def test_clicks_and_the_grid_redraw_from_the_state_and_a_method_change_never_regenerates(page, tiny, monkeypatch):
     import gradio as gr
 
@@ -174,7 +179,7 @@ def test_clicks_and_the_grid_redraw_from_the_state_and_a_method_change_never_reg
 
     monkeypatch.setattr(captioner.Captioner, "_encode", counting("encode", encode))
     monkeypatch.setattr(pipeline, "generate_ids", counting("generate", generate))
-    state = page["caption"](image_for(0), 40)[-1]
+    state = _streamed(page, image_for(0), 40)[-1][-1]
     res = state["result"]
     assert calls == {"encode": 1, "generate": 1} and len(res.words) > 3
 
@@ -182,7 +187,7 @@ def test_clicks_and_the_grid_redraw_from_the_state_and_a_method_change_never_reg
         return f"'{res.words[k]}'  p={res.word_probs[k]:.2f}"
 
     for k in range(len(res.words)):
-        words, overlay, state = page["on_select"](state, False, gr.SelectData(None, {"index": k, "value": None}))
+        words, overlay = page["on_select"](state, False, gr.SelectData(None, {"index": k, "value": None}))
         assert np.array_equal(overlay, render.titled_overlay(res.image, res.word_maps[k], title(k)))
         assert [label for _, label in words].count("selected") == 1 and words[k][1] == "selected"
     k = len(res.words) - 1  # the word selected last stays selected when the grid is drawn
@@ -202,7 +207,7 @@ def test_the_page_keeps_at_most_a_display_sized_image_per_visitor(page):
     from captioner import render
 
     big = np.asarray(Image.fromarray(image_for(2)).resize((2048, 1365)))
-    state = page["caption"](big, 8, 1)[-1]
+    state = _streamed(page, big, 8, 1)[-1][-1]
     assert max(state["result"].image.shape[:2]) == render.PAGE_MAX_SIDE
 
 
@@ -222,7 +227,7 @@ def test_an_upload_is_converted_to_rgb_once_on_its_way_to_a_caption(demo, page, 
     monkeypatch.setattr(images, "to_rgb", counting)
     monkeypatch.setattr(pipeline, "to_rgb", counting)
     upload = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "image")
-    state = page["caption"](upload.preprocess(FileData(path=image_file)), 8, 1)[-1]
+    state = _streamed(page, upload.preprocess(FileData(path=image_file)), 8, 1)[-1][-1]
     assert len(calls) == 1, calls
     assert np.array_equal(state["result"].image, read_image(image_file))
 
@@ -242,3 +247,83 @@ def test_the_page_names_its_model_menu_where_the_library_names_the_model_to_load
     assert shown == note.replace(f"load {captioner.HUB_MODEL}.", f"choose {captioner.HUB_MODEL} in the Model menu "
                                  "(on the Space, or wherever the hub is reachable).")
     assert views.for_page(res, tiny).notes == res.notes, "a model with no photo model to suggest: notes as they are"
+
+
+def test_the_caption_handler_shows_attention_maps_first_then_the_default_map(page, tiny):
+    stream = page["caption"](image_for(1), 40)
+    first = next(stream)
+    assert first[-1]["result"].method == first[RESULT]["method"] == "attention"
+    last = next(stream)
+    assert last[-1]["result"].method == last[RESULT]["method"] == "relevance"
+    assert last[-1] is first[-1], "one state for both answers: a click on the first is not lost"
+    assert next(stream, None) is None
+    assert first[RESULT]["words"] == last[RESULT]["words"] == tiny.caption(image_for(1), max_new_tokens=40).words
+    assert len(_streamed(page, image_for(1), 40, 4, False, 1.0, 50, 1.0, -1, None, False, "attention")) == 1
+
+
+def test_a_word_clicked_on_the_first_answer_stays_selected_when_the_default_map_replaces_it(page):
+    import gradio as gr
+
+    from captioner import render
+
+    stream = page["caption"](image_for(0), 40)
+    first = next(stream)
+    assert first[-1]["result"].method == "attention"
+    words, overlay = page["on_select"](first[-1], False, gr.SelectData(None, {"index": 2, "value": None}))
+    res = first[-1]["result"]
+    assert np.array_equal(overlay, render.titled_overlay(res.image, res.word_maps[2], f"'{res.words[2]}'  "
+                                                         f"p={res.word_probs[2]:.2f}")), "the click drew attention"
+    last = next(stream)
+    res = last[-1]["result"]
+    assert res.method == "relevance" and last[-1]["word"] == 2 and last[0][2][1] == "selected"
+    assert np.array_equal(last[1], render.titled_overlay(res.image, res.word_maps[2], f"'{res.words[2]}'  "
+                                                         f"p={res.word_probs[2]:.2f}"))
+
+
+def test_the_check_endpoint_is_the_library_check_of_the_explained_caption(client, tiny, image_file):
+    from captioner import check_word
+
+    got = client.predict(handle_file(image_file), CAPTIONS[0], 1, api_name="/check")
+    want = check_word(tiny, tiny.explain(image_for(0), CAPTIONS[0]), 1)
+    assert got["verdict"] == want.verdict and got["word"] == "dog" and got["seed"] == want.seed
+    assert got["method"] == "relevance" and got["fractions"] == want.fractions
+    np.testing.assert_allclose(got["hottest"], want.hottest, atol=1e-4)
+    np.testing.assert_allclose(got["random"], want.random, atol=1e-4)
+
+
+def test_the_check_and_the_methods_side_by_side_use_the_selected_word_of_the_shown_caption(page, tiny):
+    import gradio as gr
+
+    from captioner import METHODS, check_word, render
+
+    state = _streamed(page, image_for(0), 40)[-1][-1]
+    res = state["result"]
+    page["on_select"](state, False, gr.SelectData(None, {"index": 2, "value": None}))  # selects in place
+    verdict, curve = page["check_map"](state)
+    c = check_word(tiny, res, 2)
+    assert c.sentence in verdict and c.verdict in verdict and curve.ndim == 3
+    shown = page["compare_methods"](state, False)
+    assert [m for _, m in shown] == list(METHODS)
+    for (overlay, m) in shown:
+        mapped = tiny.remap(res, method=m)
+        want = render.titled_overlay(res.image, mapped.word_maps[2], f"{m}: '{res.words[2]}'")
+        assert np.array_equal(overlay, want), m
+
+
+def test_a_word_clicked_while_the_default_map_is_drawn_is_the_one_it_shows(page, monkeypatch):
+    from page import views
+
+    stream = page["caption"](image_for(0), 40)
+    first = next(stream)
+    pictures = views.pictures
+
+    def clicked_meanwhile(res, k, grid):  # the visitor clicks word 3 of the first answer while these are drawn
+        drawn = pictures(res, k, grid)
+        first[-1]["word"] = 3
+        return drawn
+
+    monkeypatch.setattr(views, "pictures", clicked_meanwhile)
+    last = next(stream)
+    res = last[-1]["result"]
+    assert res.method == "relevance" and last[-1]["word"] == 3 and last[0][3][1] == "selected"
+    assert np.array_equal(last[1], views.word_view(res, 3, False)[1])

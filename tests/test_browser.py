@@ -150,3 +150,22 @@ def test_a_bad_upload_shows_an_error_and_the_page_still_works(page, scene, tiny,
     _caption(page, tiny.caption(image_for(0), **app_settings).words)
     _word_map(page)
     page.screenshot(path=tmp_path / "recovered.png", full_page=True)
+
+
+def test_click_a_word_then_check_its_map_and_see_the_methods_side_by_side(page, scene, tiny, app_settings):
+    from playwright.sync_api import expect
+
+    from captioner import check_word
+
+    _upload(page, scene)
+    _caption(page, tiny.caption(image_for(0), **app_settings).words)
+    page.locator("#words [role=button]").nth(1).click()
+    expect(page.locator("#words [role=button]").nth(1)).to_have_attribute("style", re.compile(re.escape(SELECTED)))
+    page.click("#check-btn")
+    res = tiny.remap(tiny.caption(image_for(0), **app_settings))  # the page's default map of its caption
+    want = check_word(tiny, res, 1)
+    verdict = page.locator("#check-verdict")
+    expect(verdict).to_contain_text(f"{want.verdict}: '{res.words[1]}'")
+    expect(page.locator("#check-curve img")).to_be_visible()
+    page.click("#compare-btn")
+    expect(page.locator("#methods img")).to_have_count(3)

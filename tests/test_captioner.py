@@ -191,3 +191,15 @@ def test_offline_default_is_the_bundled_model(monkeypatch):
     assert captioner.default_model() == captioner.BUNDLED_MODEL
     monkeypatch.setenv("CAPTIONER_MODEL", "/some/folder")
     assert captioner.default_model() == "/some/folder"
+
+
+def test_caption_stream_gives_the_attention_maps_first_and_ends_with_caption(tiny):
+    """The first answer is the caption with its attention maps; the last equals `caption` with the default map."""
+    first, last = list(tiny.caption_stream(image_for(2), num_beams=1))
+    want = tiny.caption(image_for(2), num_beams=1)
+    assert first.method == "attention" and last.method == want.method == "relevance"
+    assert first.token_ids == last.token_ids == want.token_ids
+    np.testing.assert_allclose(first.word_maps, tiny.caption(image_for(2), num_beams=1, method="attention").word_maps,
+                               atol=1e-6)
+    np.testing.assert_allclose(last.word_maps, want.word_maps, atol=1e-6)
+    assert len(list(tiny.caption_stream(image_for(2), num_beams=1, method="attention"))) == 1

@@ -345,7 +345,13 @@ def test_bench_figures_and_the_markdown_tables_written_from_them(tiny, tiny_dir,
     for row in figures.decoding:
         c, f = row.comparison, row.floor
         assert ["tiny", row.mode, f"{c.plain:.3f}", f"{c.ours:.3f}", f"{c.plain / c.ours:.2f}x", "yes",
-                f"{f.floor:.3f}", f"{c.ours / f.floor:.2f}x", f"{f.linear:.3f}", str(c.tokens), str(c.words)] in rows
+                f"{f.floor:.3f}", f"{c.ours / f.floor:.2f}x", f"{f.linear:.3f}", f"{c.full:.3f}", str(c.tokens),
+                str(c.words)] in rows
+        assert c.full > 0, "the default map's time is measured"
+    k = figures.check
+    assert k.images == 1 + 3 * 3 and ["tiny", str(k.images), f"{k.check:.3f}", f"{k.caption:.3f}",
+                                      f"{k.check / k.caption:.2f}x"] in rows
+    assert f"tiny: map check of one word ({k.images} images, one batch) {k.check:.3f} s" in bench.text_report(results)
     m, q, b = figures.maps, figures.int8, figures.batch
     assert ["tiny", m.method, str(m.words), f"{m.explain:.3f}", f"{m.explain_attention:.3f}",
             f"{m.explain / m.explain_attention:.2f}x", f"{m.caption:.3f}", f"{m.caption_attention:.3f}",
