@@ -237,9 +237,9 @@ MUTATIONS: list[Mutation] = [
              "        k = int(word_index)\n", "        k = max(int(word_index) - 1, 0)\n",
              (T_APP + "test_heatmap_for_word_k_is_the_librarys_overlay_for_word_k",)),
     Mutation("a click re-runs the model", "app.py",
-             '        return (*views.word_view(state["result"], k, grid), {**state, "word": k})',
-             '        state = {**state, "result": loaded.get(state["model"]).remap(state["result"])}\n'
-             '        return (*views.word_view(state["result"], k, grid), {**state, "word": k})',
+             '        return views.word_view(state["result"], k, grid)',
+             '        state["result"] = loaded.get(state["model"]).remap(state["result"])\n'
+             '        return views.word_view(state["result"], k, grid)',
              (T_APP + "test_clicks_and_the_grid_redraw_from_the_state_and_a_method_change_never_regenerates",)),
     Mutation("the grid checkbox re-maps", "app.py",
              '        return views.pictures(state["result"], state["word"], grid)',
