@@ -216,6 +216,16 @@ MUTATIONS: list[Mutation] = [
     Mutation("a visitor's state kept ten hours", "app.py",
              "time_to_live=3600)", "time_to_live=36000)",
              (T_LIM + "test_a_visitors_state_is_kept_an_hour",)),
+    # --- the map check
+    Mutation("the check hides the coldest patches first", "captioner/check.py",
+             "order = np.argsort(-word_map.ravel(), kind=\"stable\")", "order = np.argsort(word_map.ravel(), kind=\"stable\")",
+             ("tests/test_check.py::test_hiding_an_objects_hottest_quarter_drops_its_word_more_than_random_quarters",)),
+    Mutation("the check's random draws ignore the seed", "captioner/check.py",
+             "rng = np.random.default_rng(seed)", "rng = np.random.default_rng()",
+             ("tests/test_check.py::test_the_random_draws_follow_their_seed",)),
+    Mutation("the check calls a map faithful at any gap", "captioner/check.py",
+             "    if gap >= MARGIN:", "    if gap >= -1:",
+             ("tests/test_check.py::test_the_verdict_follows_its_rule",)),
     # --- uploads
     Mutation("EXIF orientation ignored", "captioner/images.py",
              "img = ImageOps.exif_transpose(img) or img", "img = img",
