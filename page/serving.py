@@ -6,6 +6,7 @@ and Gradio's output-image cache made safe for visitors who get the same picture 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 from pathlib import Path
@@ -19,14 +20,31 @@ import gradio as gr
 from gradio import processing_utils
 
 
+log = logging.getLogger("captioner.page")
+if not log.handlers:  # one line per refusal on stderr, whatever the host configured (uvicorn configures no root)
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def refusal(message: str) -> gr.Error:
+    """An expected refusal (a bad file, a setting out of range): the message for the page or the API caller, and
+    one line in the server log instead of Gradio's traceback. Raise what it returns."""
+    log.info("refused: %s", message)
+    return gr.Error(message, print_exception=False)
+
+
 def page_errors(fn):
-    """ValueError/RuntimeError from the library become messages on the page and AppErrors for API clients."""
+    """ValueError/RuntimeError from the library become messages on the page and AppErrors for API clients, logged
+    as one line (`refusal`); any other exception is a bug and keeps Gradio's full traceback in the log."""
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (ValueError, RuntimeError) as e:
-            raise gr.Error(str(e)) from None
+            raise refusal(str(e)) from None
     return wrapped
 
 
