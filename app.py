@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from page.serving import on_gpu, page_errors, write_output_images_atomically  # first: it imports `spaces`
+from page.serving import (mcp_tools_return_every_output, on_gpu, page_errors,  # first: it imports `spaces`
+                          write_output_images_atomically)
 
 import gradio as gr
 
@@ -26,6 +27,7 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
     """The page for `models` (default: `captioner.listed_models()`), the first one preselected."""
     loaded = api.Models(models or captioner.listed_models())
     write_output_images_atomically()  # visitors who get the same picture at once each get a whole file
+    mcp_tools_return_every_output()  # Gradio 6.31 returns several outputs as one string, or fails on a State
     public = api.endpoints(loaded)  # /caption, /explain, /heatmap, /locate: described in their docstrings
 
     @page_errors
@@ -132,6 +134,7 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
         method.change(remap, [state, grid, *how], outputs, api_visibility="private", **shared)
         for control in (layers, head):  # re-map the caption on the page; never regenerate it
             control.submit(remap, [state, grid, *how], outputs, api_visibility="private", **shared)
+    api.describe_components(demo)  # each input and output described for API clients
     demo.queue(max_size=32, default_concurrency_limit=1)
     return demo
 

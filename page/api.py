@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 import gradio as gr
+from gradio import utils as gradio_utils
 import numpy as np
 
 import captioner
@@ -194,3 +195,41 @@ def endpoints(loaded: Models) -> dict:
                          "image_size": list(res.image_size), "notes": shown.notes}
 
     return {"caption": caption, "explain": explain, "heatmap": heatmap, "locate": locate}
+
+
+OUTPUTS = {  # output label -> what API clients are told it is
+    "Caption: click a word": "the caption's words, each labelled with its confidence (the first one 'selected')",
+    "Decoder cross-attention for the word": "PNG: the first word's map over the image, with a colour scale",
+    "ViT CLS-token attention": "PNG: where the encoder's CLS token looked",
+    "Every word at once": "PNG: every word's map, one tile per word",
+    "Summary": "Markdown: notes, word probabilities, model, device, method and timings",
+    "Word overlay": "PNG: the word's map over the image, with a colour scale and the word",
+    "Phrase overlay with box": "PNG: the phrase's map over the image with its box drawn, and the score",
+}
+
+
+def _described(component, text: str) -> None:
+    """Put `text` in the component's API type info, where `view_api()` (Python and JavaScript) shows it."""
+    for name in ("api_info", "api_info_as_input", "api_info_as_output"):
+        original = getattr(component, name, None)
+        if original is not None:
+            setattr(component, name, lambda original=original: {**original(), "description": text})
+
+
+def describe_components(demo: gr.Blocks) -> None:
+    """Describe every input and output of the public endpoints for API clients: inputs from their function's
+    docstring (its Args, which the MCP tools show too), outputs from OUTPUTS. An input shared by several endpoints
+    keeps the first description."""
+    done = set()
+    for block_fn in demo.fns.values():
+        if block_fn.api_visibility != "public" or block_fn.fn is None:
+            continue
+        _, params, _ = gradio_utils.get_function_description(block_fn.fn)
+        for component, text in zip(block_fn.inputs, params.values()):
+            if component._id not in done and text:
+                _described(component, text)
+                done.add(component._id)
+        for component in block_fn.outputs:
+            if getattr(component, "label", None) in OUTPUTS and component._id not in done:
+                _described(component, OUTPUTS[component.label])
+                done.add(component._id)

@@ -79,3 +79,28 @@ def write_output_images_atomically() -> None:
 
     save_pil_to_cache.atomic = True
     processing_utils.save_pil_to_cache = save_pil_to_cache
+
+
+def mcp_tools_return_every_output() -> None:
+    """Make Gradio's MCP server return each output of a queued endpoint as its own content item.
+
+    Gradio 6.31 waits for a tool call's result with `job.result()` and wraps it in a list as if the endpoint had one
+    output: with several outputs they come back as one string (images included), and an endpoint with a `gr.State`
+    output fails with "pop index out of range" (the client's result leaves the state out; Gradio then removes it
+    again). Here the call reads the queue's final message, which holds every output, the state's place included,
+    just as Gradio's own path for calls with progress reports does. Idempotent."""
+    from gradio.mcp import GradioMCPServer
+
+    if getattr(GradioMCPServer._execute_tool_without_progress, "every_output", False):
+        return
+
+    async def _execute_tool_without_progress(self, job) -> list:
+        async for update in job:
+            if update.type == "output" and update.final:
+                if not update.success:
+                    raise RuntimeError(update.outputs.get("error") or update.outputs.get("title") or "Error!")
+                return update.outputs["data"]
+        raise job.exception() or RuntimeError("The tool call ended without a result.")
+
+    _execute_tool_without_progress.every_output = True
+    GradioMCPServer._execute_tool_without_progress = _execute_tool_without_progress

@@ -98,6 +98,7 @@ def test_deit_maps_skip_the_distillation_token(families):
 
 def test_every_family_through_the_three_endpoints(families, tmp_path):
     import app
+    from page import api
 
     folders = [folder for folder, _ in families.values()]
     demo = app.build_demo(folders)
