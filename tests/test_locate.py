@@ -32,8 +32,8 @@ def test_cells_map_to_pixels_through_the_view():
 
 def test_the_score_is_the_share_of_the_mass_inside_the_box():
     heat = np.zeros((4, 4), np.float32)
-    heat[0, 0], heat[3, 3] = 3.0, 1.0
-    assert locating.concentration(heat, (0, 0, 1, 1)) == pytest.approx(0.75)
+    heat[0, 0], heat[1, 0], heat[0, 1], heat[3, 3] = 4.0, 2.0, 1.0, 1.0  # two of it just outside the box
+    assert locating.concentration(heat, (0, 0, 1, 1)) == pytest.approx(0.5)
     assert locating.concentration(heat, (0, 0, 4, 4)) == pytest.approx(1.0)
     assert locating.concentration(np.zeros((2, 2)), (0, 0, 1, 1)) == 0.0
 
