@@ -96,7 +96,7 @@ def endpoints(loaded: Models) -> dict:
         search by default) plus one map per word: about a second on a CPU for the scene model, a few for photos.
 
         Args:
-            image: the picture to caption (a URL or an uploaded file).
+            image: the picture (a URL or an uploaded file).
             max_new_tokens: longest caption in tokens, 1-64 (empty: the model's default).
             num_beams: beam width, 1-8 (1: greedy).
             do_sample: sample instead of searching.
@@ -110,8 +110,10 @@ def endpoints(loaded: Models) -> dict:
             layers: layers that attention and rollout average: all, -1, 0-3 or 1,4.
             head: attention head that attention and rollout show (-1: mean of all heads).
         Returns:
-            the words with their confidence, word 1's overlay, the CLS overlay, every word's overlay in one picture,
-            the result JSON (caption, words, word_maps, word_probs: schema in docs/api.md) and a summary.
+            the words with their confidence labels
+            the first word's overlay, the CLS overlay and every word's overlay in one picture (PNGs)
+            the result JSON with caption, words, word_maps and word_probs (schema in docs/api.md)
+            a Markdown summary
         """
         cap = loaded.get(model)
         settings = captioner.GenerationSettings(max_new_tokens, num_beams, do_sample, temperature, top_k, top_p,
@@ -181,8 +183,9 @@ def endpoints(loaded: Models) -> dict:
             layers: layers that attention and rollout average: all, -1, 0-3 or 1,4.
             head: attention head that attention and rollout show (-1: mean of all heads).
         Returns:
-            a PNG of the map with the box drawn, and the location JSON: box [x0, y0, x1, y1] (pixels, end
-            exclusive), score in [0, 1] (share of the map inside the box), map, grid, model, method.
+            a PNG of the phrase's map with the box drawn
+            the location JSON with box [x0, y0, x1, y1] in image pixels (ends exclusive)
+            its score in [0, 1] (the share of the map inside the box) and its map, grid, model and method
         """
         cap = loaded.get(model)
         where, res = locating.locate(cap, image, phrase, **map_arguments(cap, method, layers, head))
@@ -208,12 +211,22 @@ OUTPUTS = {  # output label -> what API clients are told it is
 }
 
 
-def _described(component, text: str) -> None:
-    """Put `text` in the component's API type info, where `view_api()` (Python and JavaScript) shows it."""
+def _described(component, text: str, as_input: bool) -> None:
+    """Put `text` in the component's API type info, where `view_api()` shows it: JavaScript's as "description",
+    Python's as "additional_description" for an input (after Gradio's own, e.g. an image's "A local filepath or
+    publicly available URL.") and as "description" for an output."""
+    def info(original):
+        got = original()
+        if got.get("description") == text:  # api_info_as_input calls api_info, described already
+            return got
+        extra = {"additional_description": f"{text.rstrip('.')}. {got.get('additional_description', '')}".strip()} \
+            if as_input else {}
+        return {**got, "description": text, **extra}
+
     for name in ("api_info", "api_info_as_input", "api_info_as_output"):
         original = getattr(component, name, None)
         if original is not None:
-            setattr(component, name, lambda original=original: {**original(), "description": text})
+            setattr(component, name, lambda original=original: info(original))
 
 
 def describe_components(demo: gr.Blocks) -> None:
@@ -227,9 +240,9 @@ def describe_components(demo: gr.Blocks) -> None:
         _, params, _ = gradio_utils.get_function_description(block_fn.fn)
         for component, text in zip(block_fn.inputs, params.values()):
             if component._id not in done and text:
-                _described(component, text)
+                _described(component, text, as_input=True)
                 done.add(component._id)
         for component in block_fn.outputs:
             if getattr(component, "label", None) in OUTPUTS and component._id not in done:
-                _described(component, OUTPUTS[component.label])
+                _described(component, OUTPUTS[component.label], as_input=False)
                 done.add(component._id)
