@@ -120,8 +120,8 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
         outputs = [words, word_view, cls_view, strip, result, info, state]
         shared = dict(concurrency_id="model", concurrency_limit=1)
         how = [method, layers, head]
-        run.click(public["caption"], [image, max_new, beams, sample, temp, top_k, top_p, seed, model, grid, *how], outputs,
-                  api_name="caption", **shared)
+        settings = [max_new, beams, sample, temp, top_k, top_p, seed]
+        run.click(public["caption"], [image, *settings, model, grid, *how], outputs, api_name="caption", **shared)
         run_typed.click(public["explain"], [image, typed, model, grid, *how], outputs, api_name="explain", **shared)
         typed.submit(public["explain"], [image, typed, model, grid, *how], outputs, api_visibility="private", **shared)
         hm_btn.click(public["heatmap"], [image, hm_text, hm_index, model, grid, *how], hm_out, api_name="heatmap",

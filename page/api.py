@@ -40,8 +40,12 @@ LOCATION_SCHEMA = {
         "version": {"type": "integer"}, "phrase": {"type": "string"},
         "box": {"type": "array", "items": {"type": "integer"}, "description": "[x0, y0, x1, y1] image pixels"},
         "score": {"type": "number", "minimum": 0, "maximum": 1, "description": "share of the map inside the box"},
+        "words": {"type": "array", "items": {"type": "string"}, "description": "the words whose maps were averaged"},
+        "cells": {"type": "array", "items": {"type": "integer"}, "description": "[r0, c0, r1, c1] on the grid"},
         "map": _MAP, "grid": {"type": "array", "items": {"type": "integer"}},
+        "image_size": {"type": "array", "items": {"type": "integer"}, "description": "[H, W] pixels"},
         "model": {"type": "string"}, "method": {"type": "string"},
+        "notes": {"type": "array", "items": {"type": "string"}},
     },
 }
 
