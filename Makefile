@@ -2,8 +2,9 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 CHROMIUM := /usr/bin/chromium
+JS := tests/js
 
-.PHONY: venv run test test-slow chromium
+.PHONY: venv run test test-slow chromium node
 
 venv: $(STAMP)
 
@@ -27,7 +28,20 @@ chromium:
 		exit 1; \
 	fi
 
-test: $(STAMP) chromium
+# Node 20+ and @gradio/client (pinned in $(JS)/package-lock.json) for the README's JavaScript example, which
+# tests/test_embed.py runs. Without Node `make test` stops here: that test is never skipped.
+node: $(JS)/node_modules/.installed
+
+$(JS)/node_modules/.installed: $(JS)/package.json $(JS)/package-lock.json
+	@if ! command -v node >/dev/null || [ "$$(node -p 'process.versions.node.split(".")[0]')" -lt 20 ]; then \
+		echo "Node 20 or newer is missing and the JavaScript example's test needs it: install it" \
+			"from https://nodejs.org/en/download (Debian 13's 'apt-get install -y nodejs npm' is Node 20)" >&2; \
+		exit 1; \
+	fi
+	cd $(JS) && npm ci --no-audit --no-fund
+	touch $@
+
+test: $(STAMP) chromium node
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

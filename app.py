@@ -6,91 +6,29 @@ grid) redraw from the cached result and never call the model; clicking a word do
 """
 from __future__ import annotations
 
-import functools
+import os
 from pathlib import Path
 
-from page.serving import on_gpu, page_errors, write_output_images_atomically  # first: it imports `spaces`
+from page.serving import (mcp_tools_return_every_output, on_gpu, page_errors,  # first: it imports `spaces`
+                          write_output_images_atomically)
 
 import gradio as gr
 
 import captioner
 from captioner import images
-from page import check, views
+from page import api, check, views
 from page.inputs import image_input, map_arguments, setting, whole_number
 
 EXAMPLES = sorted(str(p) for p in (Path(__file__).parent / "assets" / "examples").glob("*.*") if p.suffix != ".md")
 COLOURS = {views.SELECTED: "#fde047", views.SURE: "#86efac", views.LIKELY: "#bfdbfe", views.UNSURE: "#fecaca"}
 
 
-def _label(path: str) -> str:
-    return captioner.model_label(path) + (" (offline)" if path == captioner.BUNDLED_MODEL else "")
-
-
-class Models:
-    """Dropdown label -> model, loaded on first use, at most two in memory; the page and the API never see paths."""
-
-    def __init__(self, models: list[str]):
-        self.paths = {_label(m): m for m in models}
-        self.default = _label(models[0])
-        self.load = functools.lru_cache(maxsize=2)(captioner.load)
-
-    def get(self, label: str | None) -> captioner.Captioner:
-        label = label or self.default
-        if label not in self.paths:
-            raise gr.Error(f"Unknown model {label!r}; available: {', '.join(self.paths)}.")
-        return self.load(self.paths[label])
-
-
-def _publish(cap: captioner.Captioner, res: captioner.CaptionResult, grid: bool, model: str | None,
-             toast: bool = True, word: int = 0):
-    """Everything a caption shows, word `word` selected; the state keeps the (display-sized) result, its model and
-    the selected word. toast: the result's notes also pop up (not again when only the same caption's maps change)."""
-    res = views.for_page(res, cap)
-    for note in res.notes if toast else ():  # also at the top of the summary; a toast is hard to miss
-        gr.Warning(note)
-    return (*views.pictures(res, word, grid), res.to_json(), views.summary(res, cap.device),
-            {"result": res, "model": model, "word": word})
-
-
 def build_demo(models: list[str] | None = None) -> gr.Blocks:
     """The page for `models` (default: `captioner.listed_models()`), the first one preselected."""
-    models = models or captioner.listed_models()
-    loaded = Models(models)
+    loaded = api.Models(models or captioner.listed_models())
     write_output_images_atomically()  # visitors who get the same picture at once each get a whole file
-
-    @page_errors
-    @on_gpu
-    def caption(image, max_new_tokens=None, num_beams=4, do_sample=False, temperature=1.0, top_k=50, top_p=1.0,
-                seed=-1, model=None, grid=False, method=None, layers="all", head=-1):
-        cap = loaded.get(model)
-        settings = captioner.GenerationSettings(max_new_tokens, num_beams, do_sample, temperature, top_k, top_p,
-                                                None if seed is None or seed < 0 else seed)
-        # the caption with its attention maps as soon as decoding ends, then the chosen method's maps
-        shown = None  # the page's state from the first answer on: on_select sets its word in place
-        for res in cap.caption_stream(image, settings, **map_arguments(cap, method, layers, head)):
-            *pictures, state = _publish(cap, res, grid, model, shown is None, word := shown["word"] if shown else 0)
-            if shown is not None:  # the default map: into the same state, so that no click is lost
-                if shown["word"] != word:  # clicked while these were drawn
-                    pictures[:2] = views.word_view(state["result"], shown["word"], grid)
-                state = shown.update(result=state["result"]) or shown
-            yield *pictures, (shown := state)
-
-    @page_errors
-    @on_gpu
-    def explain(image, text, model=None, grid=False, method=None, layers="all", head=-1):
-        cap = loaded.get(model)
-        return _publish(cap, cap.explain(image, text, **map_arguments(cap, method, layers, head)), grid, model)
-
-    @page_errors
-    @on_gpu
-    def heatmap(image, text, word_index=0, model=None, grid=False, method=None, layers="all", head=-1):
-        cap = loaded.get(model)
-        res = cap.explain(image, text, **map_arguments(cap, method, layers, head))
-        if not 0 <= int(word_index) < len(res.words):
-            raise ValueError(f"word_index must be between 0 and {len(res.words) - 1} for a {len(res.words)}-word "
-                             "caption.")
-        k = int(word_index)
-        return views.word_view(res, k, grid)[1]
+    mcp_tools_return_every_output()  # Gradio 6.31 returns several outputs as one string, or fails on a State
+    public = api.endpoints(loaded)  # /caption, /explain, /heatmap, /locate: described in their docstrings
 
     @page_errors
     @on_gpu
@@ -99,8 +37,8 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
         if state is None:  # nothing on the page yet: the choice applies to the next caption
             return (gr.skip(),) * 7
         cap = loaded.get(state["model"])
-        return _publish(cap, cap.remap(state["result"], **map_arguments(cap, method, layers, head)), grid,
-                        state["model"], toast=False)
+        return api.publish(cap, cap.remap(state["result"], **map_arguments(cap, method, layers, head)), grid,
+                           state["model"], toast=False)
 
     def on_select(state, grid, evt: gr.SelectData):
         if state is None:
@@ -128,7 +66,8 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
             with gr.Column(scale=2):
                 image = image_input(label="Image", sources=["upload", "webcam", "clipboard"], elem_id="image")
                 choices = list(loaded.paths)
-                model = gr.Dropdown(choices, value=choices[0], label="Model", visible=len(choices) > 1)
+                model = gr.Dropdown(choices, value=choices[0], label="Model", visible=len(choices) > 1,
+                                    allow_custom_value=True)  # a model id (`model_label`) as well: api.Models
                 with gr.Accordion("Generation settings", open=False):
                     max_new = setting("max_new_tokens", value=first.default_max_new_tokens, step=1,
                                       label="Max new tokens")
@@ -137,7 +76,8 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
                     temp = setting("temperature", value=1.0, step=0.05, label="Temperature")
                     top_k = setting("top_k", value=50, step=1, label="Top-k (0 = off)")
                     top_p = setting("top_p", value=1.0, step=0.01, label="Top-p")
-                    seed = whole_number("seed", value=-1, label="Seed (-1 = random; used when sampling)")
+                    seed = whole_number("seed", "random seed, 0 to 2**32-1 (-1: random)", value=-1,
+                                        label="Seed (-1 = random; used when sampling)")
                 with gr.Accordion("Map method", open=True):
                     method = gr.Radio(list(captioner.METHODS), value=captioner.DEFAULT_METHOD, label="Method",
                                       info="attention: raw cross-attention · rollout: through the ViT's "
@@ -145,8 +85,8 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
                     with gr.Row():
                         shown = method.value != "relevance"  # relevance weighs every layer and head itself
                         layers = gr.Textbox("all", label="Layers", info="all, -1, 0-3 or 1,4", visible=shown)
-                        head = whole_number("head", value=-1, label="Head", info="-1 = mean of all heads",
-                                            visible=shown)
+                        head = whole_number("head", "attention head (-1: mean of all heads)", value=-1, label="Head",
+                                            info="-1 = mean of all heads", visible=shown)
                     grid = gr.Checkbox(False, label="Draw the ViT patch grid")
                 run = gr.Button("Caption", variant="primary", elem_id="caption-btn")
                 typed = gr.Textbox(label="…or explain your own caption", placeholder="a red circle left of a blue "
@@ -165,32 +105,44 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
                 gr.Markdown("**Every word at once** (download the PNG from its corner)")
                 strip = gr.Image(label="Every word at once", show_label=False, format="png", elem_id="strip",
                                  interactive=False)
-                info = gr.Markdown(f"**Model** `{first.name}` on {first.device} · patch grid "
+                info = gr.Markdown(label="Summary", value=f"**Model** `{first.name}` on {first.device} · patch grid "
                                    f"{first.grid[0]}×{first.grid[1]}")
                 with gr.Accordion("Result as JSON (what the API returns)", open=False):
                     result = gr.JSON(label="Result")
-        # the /heatmap endpoint's own inputs and output, hidden from the page
+                    result.api_info = lambda: api.RESULT_SCHEMA  # typed for API clients, not "any valid json"
+        # the /heatmap and /locate endpoints' own inputs and outputs, hidden from the page
         with gr.Row(visible=False):
-            hm_text, hm_index = gr.Textbox(), whole_number("word_index", value=0)
-            hm_out, hm_btn = gr.Image(format="png"), gr.Button()
+            hm_text, hm_out = gr.Textbox(label="Caption"), gr.Image(label="Word overlay", format="png")
+            hm_index = whole_number("word_index", "which word of the caption, 0 for the first", value=0,
+                                    label="Word index")
+            phrase, located = gr.Textbox(label="Phrase"), gr.Image(label="Phrase overlay with box", format="png")
+            location = gr.JSON(label="Location")
+            location.api_info = lambda: api.LOCATION_SCHEMA
+            hm_btn, locate_btn = gr.Button(), gr.Button()
 
         outputs = [words, word_view, cls_view, strip, result, info, state]
         how = [method, layers, head]
-        run.click(caption, [image, max_new, beams, sample, temp, top_k, top_p, seed, model, grid, *how], outputs,
-                  api_name="caption", **shared)
-        run_typed.click(explain, [image, typed, model, grid, *how], outputs, api_name="explain", **shared)
-        typed.submit(explain, [image, typed, model, grid, *how], outputs, api_visibility="private", **shared)
-        hm_btn.click(heatmap, [image, hm_text, hm_index, model, grid, *how], hm_out, api_name="heatmap", **shared)
+        settings = [max_new, beams, sample, temp, top_k, top_p, seed]
+        run.click(public["caption"], [image, *settings, model, grid, *how], outputs, api_name="caption", **shared)
+        run_typed.click(public["explain"], [image, typed, model, grid, *how], outputs, api_name="explain", **shared)
+        typed.submit(public["explain"], [image, typed, model, grid, *how], outputs, api_visibility="private", **shared)
+        hm_btn.click(public["heatmap"], [image, hm_text, hm_index, model, grid, *how], hm_out, api_name="heatmap",
+                     **shared)
+        locate_btn.click(public["locate"], [image, phrase, model, *how], [located, location], api_name="locate",
+                         **shared)
         words.select(on_select, [state, grid], [words, word_view], api_visibility="private")
         grid.change(redraw, [state, grid], [words, word_view, cls_view, strip], api_visibility="private")
         method.change(show_method_controls, method, [layers, head], api_visibility="private")
         method.change(remap, [state, grid, *how], outputs, api_visibility="private", **shared)
         for control in (layers, head):  # re-map the caption on the page; never regenerate it
             control.submit(remap, [state, grid, *how], outputs, api_visibility="private", **shared)
+    api.describe_components(demo)  # each input and output described for API clients
     demo.queue(max_size=32, default_concurrency_limit=1)
     return demo
 
 
 if __name__ == "__main__":
     # refuse oversized uploads at the door, before Gradio writes them to disk (open_image would refuse them later)
-    build_demo().launch(theme=gr.themes.Soft(), max_file_size=images.MAX_FILE_BYTES)
+    # the MCP server (tools at /gradio_api/mcp/) costs visitors nothing; CAPTIONER_MCP=0 turns it off
+    build_demo().launch(theme=gr.themes.Soft(), max_file_size=images.MAX_FILE_BYTES,
+                        mcp_server=os.environ.get("CAPTIONER_MCP", "1") != "0")

@@ -113,6 +113,20 @@ def titled_overlay(image: np.ndarray, heat: np.ndarray, title: str, grid: bool =
     return with_colour_scale(blend_heatmap(display_image(image), heat, grid=grid, view=view), title)
 
 
+def boxed_overlay(image: np.ndarray, heat: np.ndarray, box: tuple[int, int, int, int], title: str,
+                  view: tuple[float, float, float, float] = FULL_VIEW) -> np.ndarray:
+    """`titled_overlay` with a box drawn on it: box (x0, y0, x1, y1) in the pixels of `image`, x1/y1 exclusive
+    (scaled with the picture when a small image is enlarged for display). (H, W, 3) uint8 RGB -> (H', W', 3)."""
+    shown = display_image(image)
+    s = shown.shape[1] / image.shape[1]  # display_image enlarges by a whole factor, the same on both sides
+    out = blend_heatmap(shown, heat, view=view)
+    x0, y0, x1, y1 = (round(v * s) for v in box)
+    thick = max(2, round(min(out.shape[:2]) / 160))
+    cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), (0, 0, 0), thick + 2, cv2.LINE_AA)  # dark rim: visible on any map
+    cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), (255, 255, 255), thick, cv2.LINE_AA)
+    return with_colour_scale(out, title)
+
+
 def word_strip(image: np.ndarray, words: list[str], maps: np.ndarray, tile: int = 160,
                columns: int = 6, grid: bool = False, view: tuple[float, float, float, float] = FULL_VIEW
                ) -> np.ndarray:

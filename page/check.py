@@ -95,7 +95,24 @@ def panel(loaded, state, grid, image, model, how, shared: dict) -> None:
 
     @page_errors
     @on_gpu
-    def check(image, text, word_index=0, model=None, method=None, layers="all", head=-1):
+    def check(image: np.ndarray, text: str, word_index: int = 0, model: str | None = None,
+              method: str | None = None, layers: str = "all", head: int = -1):
+        """Can I trust this map? Hide the image where one word's map is hottest (10, 25 and 50 % of the patch
+        grid) and, for comparison, as many random patches (seeded draws), and recompute the word's probability
+        under the same caption in one batched forced pass: about the cost of one caption.
+
+        Args:
+            image: the picture (a URL or an uploaded file).
+            text: the caption the word belongs to.
+            word_index: which word, 0 for the first.
+            model: model id or label (empty: the page's default).
+            method: attention, rollout or relevance (the default).
+            layers: layers that attention and rollout average: all, -1, 0-3 or 1,4.
+            head: attention head that attention and rollout show (-1: mean of all heads).
+        Returns:
+            the check as JSON: verdict ("faithful", "not faithful" or "inconclusive"), the sentence, p, and per
+            hidden fraction p with the hottest and with random patches hidden (docs/api.md)
+        """
         cap = loaded.get(model)
         res = cap.explain(image, text, **map_arguments(cap, method, layers, head))
         return check_word(cap, res, int(word_index)).to_json()
@@ -112,7 +129,8 @@ def panel(loaded, state, grid, image, model, how, shared: dict) -> None:
         methods = gr.Gallery(label="The selected word by each method", columns=3, rows=1, format="png",
                              elem_id="methods", interactive=False)
     with gr.Row(visible=False):  # the /check endpoint's own inputs and output
-        text, index, out, button = gr.Textbox(), whole_number("word_index", value=0), gr.JSON(), gr.Button()
+        text, out, button = gr.Textbox(label="Caption"), gr.JSON(label="Check"), gr.Button()
+        index = whole_number("word_index", "which word of the caption, 0 for the first", value=0, label="Word index")
     run_check.click(check_map, state, [verdict, plot], api_visibility="private", **shared)
     run_compare.click(compare_methods, [state, grid], methods, api_visibility="private", **shared)
     button.click(check, [image, text, index, model, *how], out, api_name="check", **shared)

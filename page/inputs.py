@@ -11,6 +11,7 @@ import gradio as gr
 from captioner import DEFAULT_METHOD, Captioner
 from captioner.decoding import LIMITS
 from captioner.images import open_image
+from page.serving import refusal
 
 
 def image_input(**kwargs) -> gr.Image:
@@ -28,7 +29,7 @@ def image_input(**kwargs) -> gr.Image:
         try:
             return open_image(payload.path)
         except ValueError as e:
-            raise gr.Error(str(e)) from None
+            raise refusal(str(e)) from None
 
     image.preprocess = preprocess
     return image
@@ -38,6 +39,8 @@ def setting(param: str, **kwargs) -> gr.Slider:
     """A slider over LIMITS[param] whose out-of-range message names the API parameter; Gradio's own check says
     only "Value 10000 is greater than maximum value 8", which leaves an API caller guessing which one."""
     lo, hi = LIMITS[param]
+    if isinstance(kwargs.get("step"), int):  # whole numbers: typed "integer" in the API, handed over as int
+        kwargs.setdefault("precision", 0)
     slider = gr.Slider(lo, hi, **kwargs)
     gradio_preprocess = slider.preprocess
 
@@ -45,23 +48,25 @@ def setting(param: str, **kwargs) -> gr.Slider:
         try:
             return gradio_preprocess(payload)
         except (gr.Error, TypeError, ValueError):  # out of range, or not a number at all (None, "4")
-            raise gr.Error(f"{param} must be between {lo} and {hi}, got {payload!r}.") from None
+            raise refusal(f"{param} must be between {lo} and {hi}, got {payload!r}.") from None
 
     slider.preprocess = preprocess
     return slider
 
 
-def whole_number(param: str, **kwargs) -> gr.Number:
+def whole_number(param: str, description: str = "a whole number", **kwargs) -> gr.Number:
     """An integer field whose refusal of NaN, infinity or text from an API caller names the parameter. Gradio's
-    says "Could not preprocess input component at index 12", and on a Space (show_error off) nothing at all."""
+    says "Could not preprocess input component at index 12", and on a Space (show_error off) nothing at all.
+    Typed "integer" in the API, with `description` (its range and meaning) beside it."""
     number = gr.Number(precision=0, **kwargs)
     gradio_preprocess = number.preprocess
+    number.api_info = lambda: {"type": "integer", "description": description}
 
     def preprocess(payload):
         try:
             return gradio_preprocess(payload)
         except (TypeError, ValueError, OverflowError):
-            raise gr.Error(f"{param} must be a whole number, got {payload!r}.") from None
+            raise refusal(f"{param} must be a whole number, got {payload!r}.") from None
 
     number.preprocess = preprocess
     return number

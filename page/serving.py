@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 import threading
 from pathlib import Path
@@ -20,16 +21,33 @@ import gradio as gr
 from gradio import processing_utils
 
 
+log = logging.getLogger("captioner.page")
+if not log.handlers:  # one line per refusal on stderr, whatever the host configured (uvicorn configures no root)
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def refusal(message: str) -> gr.Error:
+    """An expected refusal (a bad file, a setting out of range): the message for the page or the API caller, and
+    one line in the server log instead of Gradio's traceback. Raise what it returns."""
+    log.info("refused: %s", message)
+    return gr.Error(message, print_exception=False)
+
+
 def page_errors(fn):
-    """ValueError/RuntimeError from the library become messages on the page and AppErrors for API clients. A
-    generator (a handler that streams) stays one, so that Gradio streams it."""
+    """ValueError/RuntimeError from the library become messages on the page and AppErrors for API clients, logged
+    as one line (`refusal`); any other exception is a bug and keeps Gradio's full traceback in the log. A generator
+    (a handler that streams) stays one, so that Gradio streams it."""
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def streamed(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
             except (ValueError, RuntimeError) as e:
-                raise gr.Error(str(e)) from None
+                raise refusal(str(e)) from None
         return streamed
 
     @functools.wraps(fn)
@@ -37,7 +55,7 @@ def page_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (ValueError, RuntimeError) as e:
-            raise gr.Error(str(e)) from None
+            raise refusal(str(e)) from None
     return wrapped
 
 
@@ -72,3 +90,28 @@ def write_output_images_atomically() -> None:
 
     save_pil_to_cache.atomic = True
     processing_utils.save_pil_to_cache = save_pil_to_cache
+
+
+def mcp_tools_return_every_output() -> None:
+    """Make Gradio's MCP server return each output of a queued endpoint as its own content item.
+
+    Gradio 6.31 waits for a tool call's result with `job.result()` and wraps it in a list as if the endpoint had one
+    output: with several outputs they come back as one string (images included), and an endpoint with a `gr.State`
+    output fails with "pop index out of range" (the client's result leaves the state out; Gradio then removes it
+    again). Here the call reads the queue's final message, which holds every output, the state's place included,
+    just as Gradio's own path for calls with progress reports does. Idempotent."""
+    from gradio.mcp import GradioMCPServer
+
+    if getattr(GradioMCPServer._execute_tool_without_progress, "every_output", False):
+        return
+
+    async def _execute_tool_without_progress(self, job) -> list:
+        async for update in job:
+            if update.type == "output" and update.final:
+                if not update.success:
+                    raise RuntimeError(update.outputs.get("error") or update.outputs.get("title") or "Error!")
+                return update.outputs["data"]
+        raise job.exception() or RuntimeError("The tool call ended without a result.")
+
+    _execute_tool_without_progress.every_output = True
+    GradioMCPServer._execute_tool_without_progress = _execute_tool_without_progress

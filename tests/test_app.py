@@ -34,9 +34,9 @@ def captioned(client, image_file):
     return client.predict(handle_file(image_file), api_name="/caption")[RESULT]
 
 
-def test_named_endpoints_are_exactly_caption_explain_heatmap_check(client):
+def test_named_endpoints_are_exactly_caption_explain_heatmap_locate_check(client):
     api = client.view_api(print_info=False, return_format="dict")
-    assert set(api["named_endpoints"]) == {"/caption", "/explain", "/heatmap", "/check"}
+    assert set(api["named_endpoints"]) == {"/caption", "/explain", "/heatmap", "/locate", "/check"}
     assert not api["unnamed_endpoints"]  # the select handler and Enter-in-textbox are private
 
 

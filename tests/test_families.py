@@ -98,6 +98,7 @@ def test_deit_maps_skip_the_distillation_token(families):
 
 def test_every_family_through_the_three_endpoints(families, tmp_path):
     import app
+    from page import api
 
     folders = [folder for folder, _ in families.values()]
     demo = app.build_demo(folders)
@@ -106,7 +107,7 @@ def test_every_family_through_the_three_endpoints(families, tmp_path):
         client = Client(url, analytics_enabled=False, verbose=False)
         path = tmp_path / "image.png"
         Image.fromarray(image_for(3)).save(path)
-        for (folder, want), label in zip(families.values(), app.Models(folders).paths):
+        for (folder, want), label in zip(families.values(), api.Models(folders).paths):
             method = captioner.DEFAULT_METHOD  # the page's default stands for each model's own
             result = client.predict(handle_file(str(path)), model=label, method=method, api_name="/caption")[4]
             assert result["method"] == ("attention" if want["windowed"] else captioner.DEFAULT_METHOD), label

@@ -142,3 +142,16 @@ def test_a_padding_processor_puts_the_photo_inside_the_canvas_and_dims_nothing()
     assert np.abs(out[1, 30].astype(int) - (200 + cold) / 2).max() <= 25, "the photo's top is below the hot padding"
     squashed = render.blend_heatmap(photo, heat)  # the map stretched over the photo would put the hot row on it
     assert np.abs(squashed[1, 30].astype(int) - (200 + hot) / 2).max() <= 25
+
+
+def test_the_locate_box_is_drawn_where_it_is_on_an_enlarged_image():
+    """A box in the image's pixels lands on the same place of the picture enlarged for display; input untouched."""
+    image = np.full((96, 96, 3), 128, np.uint8)
+    before = image.copy()
+    out = render.boxed_overlay(image, np.zeros((8, 8), np.float32), (48, 24, 72, 60), "x")
+    np.testing.assert_array_equal(image, before)
+    s = render.DISPLAY_MIN_SIDE // 96  # 4: the scene is shown four times larger
+    assert out.shape[1] == 96 * s and out.shape[0] > 96 * s  # a colour scale under it
+    row = out[40 * s, :96 * s].astype(int).sum(axis=1)  # a row through the box's middle
+    white = np.nonzero(row == 3 * 255)[0]
+    assert abs(white.min() - 48 * s) <= 3 and abs(white.max() - (72 * s - 1)) <= 3, (white.min(), white.max())

@@ -341,8 +341,8 @@ def test_a_file_one_byte_over_50_mb_is_refused_and_one_of_50_mb_is_read(client, 
     ("/caption", dict(max_new_tokens=0), "max_new_tokens must be between"),
     ("/caption", dict(seed=2**70, do_sample=True), "seed must be between"),
     ("/caption", dict(method="nonsense"), "not in the list of choices"),
-    ("/caption", dict(model="/etc"), "not in the list of choices"),  # never a path or Hub name the caller picks
-    ("/caption", dict(model="gpt2"), "not in the list of choices"),
+    ("/caption", dict(model="/etc"), "Unknown model"),  # never a path or Hub name the caller picks: only listed ones
+    ("/caption", dict(model="gpt2"), "Unknown model"),
     ("/heatmap", dict(text=CAPTIONS[0], word_index=-1), "word_index must be between 0 and 7"),
     ("/heatmap", dict(text=CAPTIONS[0], word_index=10**30), "word_index must be between 0 and 7"),
     ("/heatmap", dict(text=CAPTIONS[0], layers="banana"), "layers must look like"),
