@@ -6,6 +6,8 @@ beside any module that defines a component class.)
 """
 from __future__ import annotations
 
+import math
+
 import gradio as gr
 
 from captioner import DEFAULT_METHOD, Captioner
@@ -44,7 +46,12 @@ def setting(param: str, **kwargs) -> gr.Slider:
     slider = gr.Slider(lo, hi, **kwargs)
     gradio_preprocess = slider.preprocess
 
+    whole = kwargs.get("precision") == 0
+
     def preprocess(payload):
+        # Gradio rounds a whole-number slider's 2.5 to 2 without a word: refuse it, as the library would
+        if whole and isinstance(payload, float) and math.isfinite(payload) and not payload.is_integer():
+            raise refusal(f"{param} must be a whole number, got {payload}.")
         try:
             return gradio_preprocess(payload)
         except (gr.Error, TypeError, ValueError):  # out of range, or not a number at all (None, "4")

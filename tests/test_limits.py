@@ -159,19 +159,19 @@ def test_the_page_keeps_1024_px_and_shrinks_1025():
 
 
 def test_the_queue_holds_32_waiting_visitors_and_refuses_the_33rd(tiny_dir, image_file, monkeypatch):
-    """README: one model call at a time and a queue of at most 32. With the model call held, 32 more requests wait
+    """One model call at a time and a queue of at most 32. With the model call held, 32 more requests wait
     and the next is told the queue is full; all 33 are answered once the call goes on."""
     import app
     import captioner
 
-    running, release, real = threading.Event(), threading.Event(), captioner.Captioner.caption
+    running, release, real = threading.Event(), threading.Event(), captioner.Captioner.caption_stream
 
-    def held(self, *args, **kwargs):
+    def held(self, *args, **kwargs):  # the page's /caption streams: the first answer, then the default map
         running.set()
         release.wait(120)
-        return real(self, *args, **kwargs)
+        yield from real(self, *args, **kwargs)
 
-    monkeypatch.setattr(captioner.Captioner, "caption", held)
+    monkeypatch.setattr(captioner.Captioner, "caption_stream", held)
     demo = app.build_demo([tiny_dir])
     url = launch(demo, show_error=True)
     client, jobs = Client(url, analytics_enabled=False, verbose=False), []
@@ -195,7 +195,7 @@ def test_the_queue_holds_32_waiting_visitors_and_refuses_the_33rd(tiny_dir, imag
 
 
 def test_a_visitors_state_is_kept_an_hour(tiny_dir):
-    """README: each visitor's state released an hour after last use (tests/test_robustness.py watches one expire)."""
+    """Each visitor's state released an hour after last use (tests/test_robustness.py watches one expire)."""
     import gradio as gr
 
     import app

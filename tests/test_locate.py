@@ -2,6 +2,8 @@
 boxed where that object is."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -28,6 +30,18 @@ def test_cells_map_to_pixels_through_the_view():
     assert locating.to_pixels((1, 2, 3, 4), (4, 8), (40, 80), (0.0, 0.0, 1.0, 1.0)) == (20, 10, 40, 30)
     # a centre crop: the grid covers the middle half of the width only
     assert locating.to_pixels((0, 0, 4, 8), (4, 8), (40, 80), (0.25, 0.0, 0.75, 1.0)) == (20, 0, 60, 40)
+
+
+def test_a_result_from_a_centre_crop_is_boxed_on_the_part_of_the_image_the_model_saw():
+    """`locate_in` maps its cells through the result's own view: with a processor that centre-crops, the grid
+    covers the middle of the photo, and the box lands there, not on the whole width."""
+    heat = np.zeros((4, 4), np.float32)
+    heat[1, 0] = 1.0  # the grid's left column, row 1
+    res = SimpleNamespace(word_maps=heat[None], words=["star"], grid=(4, 4), image_size=(40, 80),
+                          view=(0.25, 0.0, 0.75, 1.0))
+    where = locating.locate_in(res, "star", [0])
+    assert where.cells == (1, 0, 2, 1)
+    assert where.box == (20, 10, 30, 20)  # x from 0.25 * 80 = 20, one cell = 10 px wide
 
 
 def test_the_score_is_the_share_of_the_mass_inside_the_box():
