@@ -206,3 +206,21 @@ def app_settings(app_url):
     names = ("max_new_tokens", "num_beams", "do_sample", "temperature", "top_k", "top_p", "method")
     return {p["parameter_name"]: p["parameter_default"] for p in api["named_endpoints"]["/caption"]["parameters"]
             if p["parameter_name"] in names}
+
+
+@pytest.fixture(scope="session")
+def client(app_url):
+    """A `gradio_client` session with the app of `app_url`."""
+    from gradio_client import Client
+
+    return Client(app_url, analytics_enabled=False, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def image_file(tmp_path_factory):
+    """image_for(0) as a PNG (lossless, so the app decodes exactly the array the library gets)."""
+    from PIL import Image
+
+    path = tmp_path_factory.mktemp("images") / "scene0.png"
+    Image.fromarray(image_for(0)).save(path)
+    return str(path)

@@ -15,18 +15,6 @@ from conftest import CAPTIONS, image_for
 RESULT = 4
 
 
-@pytest.fixture(scope="session")
-def client(app_url):
-    return Client(app_url, analytics_enabled=False, verbose=False)
-
-
-@pytest.fixture(scope="session")
-def image_file(tmp_path_factory):
-    """image_for(0) as a PNG (lossless, so the app decodes exactly the array the library gets)."""
-    path = tmp_path_factory.mktemp("images") / "scene0.png"
-    Image.fromarray(image_for(0)).save(path)
-    return str(path)
-
 
 @pytest.fixture(scope="session")
 def captioned(client, image_file):

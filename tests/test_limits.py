@@ -44,17 +44,6 @@ def test_generation_limits_hold_at_both_ends_in_the_library(name):
     assert LIMITS[name] == (lo, hi)  # what the page's sliders are built from
 
 
-@pytest.fixture(scope="module")
-def client(app_url):
-    return Client(app_url, analytics_enabled=False, verbose=False)
-
-
-@pytest.fixture(scope="module")
-def image_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("limits") / "scene0.png"
-    Image.fromarray(image_for(0)).save(path)
-    return str(path)
-
 
 def test_generation_limits_hold_at_both_ends_through_the_page(client, image_file):
     for end in (0, 1):  # every setting at its lower end at once, then at its upper end

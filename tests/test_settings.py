@@ -32,12 +32,6 @@ def test_each_sampling_setting_changes_what_the_library_returns(tiny):
             assert got == greedy, f"{name}={value} keeps only the likeliest token"
 
 
-@pytest.fixture(scope="module")
-def image_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("settings") / "scene0.png"
-    Image.fromarray(image_for(0)).save(path)  # lossless: the page decodes the array the library gets
-    return str(path)
-
 
 def test_each_sampling_setting_reaches_decoding_through_the_caption_endpoint(app_url, tiny, image_file):
     client = Client(app_url, analytics_enabled=False, verbose=False)
