@@ -38,7 +38,7 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
             return (gr.skip(),) * 7
         cap = loaded.get(state["model"])
         return api.publish(cap, cap.remap(state["result"], **map_arguments(cap, method, layers, head)), grid,
-                           state["model"], toast=False)
+                           state["model"], toast=False, word=state["word"])  # the same caption: the word stays
 
     def on_select(state, grid, evt: gr.SelectData):
         if state is None:

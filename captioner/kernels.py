@@ -2,8 +2,8 @@
 
 Why the products are chosen at run time: decoding multiplies a few rows (the beams) by every weight matrix, so it
 is bound by how fast the weights stream from memory, and which kernel streams fastest depends on the CPU, its BLAS
-and the number of rows: on one 2-core Xeon `F.linear` read GPT-2's LM head at 23 GB/s and a bmm split at 8.6; on a
-2-core EPYC the same pair gave 3.1 and 10.6 GB/s with 4 rows (README, Performance). `Kernels` times both candidates
+and the number of rows, by several times either way (`python -m captioner_train.bench` prints what it chose and
+how fast each streamed; docs/decoding.md). `Kernels` times both candidates
 (`KERNELS`) on the model's own weights the first time a decoding step multiplies a given weight shape by a given
 number of rows, and keeps the faster for the process. GPT-2's `Conv1D` weights are laid out (out, in) in memory
 once (`conv1d_out_in`: same shape, values and state_dict, no extra memory), the layout both candidates read.

@@ -43,8 +43,8 @@ def git_commit(root: str | Path = ROOT) -> str:
 
 def launcher(module: str, processes: int = 1) -> str:
     """How this command was started: `python -m M` (`torchrun --nproc_per_node N -m M` on several processes), M the
-    module run as __main__ (`python -m captioner.evaluate` runs `captioner_train.evaluate` under another name), or
-    `module` when no module was run with -m."""
+    module run as __main__, or `module` when no module was run
+    with -m."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     name = spec.name.removesuffix(".__main__") if spec is not None else module
     return f"torchrun --nproc_per_node {processes} -m {name}" if processes > 1 else f"python -m {name}"

@@ -115,6 +115,9 @@ def panel(loaded, state, grid, image, model, how, shared: dict) -> None:
         """
         cap = loaded.get(model)
         res = cap.explain(image, text, **map_arguments(cap, method, layers, head))
+        if not 0 <= int(word_index) < len(res.words):
+            raise ValueError(f"word_index must be between 0 and {len(res.words) - 1} for a {len(res.words)}-word "
+                             "caption.")
         return check_word(cap, res, int(word_index)).to_json()
 
     with gr.Accordion("Can I trust this map?", open=True):

@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
 import sys
 from pathlib import Path
 
 from PIL import Image
+
+import servers  # scripts/servers.py: this script's folder is on sys.path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,12 +26,6 @@ sys.path.insert(0, str(ROOT))
 
 CHROMIUM = "/usr/bin/chromium"
 WAIT_MS = 120_000  # the model and the browser share the CPU
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,8 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     from captioner import images
 
     demo = app.build_demo([captioner.BUNDLED_MODEL])
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                            share=False, ssr_mode=False, theme=gr.themes.Soft(), max_file_size=images.MAX_FILE_BYTES)
+    url = servers.launch(demo, theme=gr.themes.Soft(), max_file_size=images.MAX_FILE_BYTES)
     try:
         expect.set_options(timeout=WAIT_MS)
         with sync_playwright() as p:

@@ -13,7 +13,7 @@ import json, pkgutil, importlib, sys
 import captioner
 for m in pkgutil.walk_packages(captioner.__path__, "captioner."):
     importlib.import_module(m.name)
-print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("captioner_train", "gradio", "page"))))
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("captioner_train", "gradio", "page", "spaces", "servers", "app"))))
 """
 
 

@@ -61,9 +61,9 @@ def test_written_file_is_the_header_then_each_sentence_and_table(tmp_path, monke
 
 
 def test_launcher_names_the_module_run_as_main(monkeypatch):
-    monkeypatch.setitem(sys.modules, "__main__", SimpleNamespace(__spec__=SimpleNamespace(name="captioner.evaluate")))
-    assert report.launcher("captioner_train.evaluate") == "python -m captioner.evaluate"
-    assert report.launcher("captioner_train.evaluate", 2) == "torchrun --nproc_per_node 2 -m captioner.evaluate"
+    monkeypatch.setitem(sys.modules, "__main__", SimpleNamespace(__spec__=SimpleNamespace(name="other.evaluate")))
+    assert report.launcher("captioner_train.evaluate") == "python -m other.evaluate"
+    assert report.launcher("captioner_train.evaluate", 2) == "torchrun --nproc_per_node 2 -m other.evaluate"
     monkeypatch.setitem(sys.modules, "__main__", SimpleNamespace(__spec__=SimpleNamespace(name="tool.__main__")))
     assert report.launcher("x") == "python -m tool"
     monkeypatch.setitem(sys.modules, "__main__", SimpleNamespace(__spec__=None))  # `python path/to/file.py`

@@ -4,9 +4,7 @@ the tokens sampling returns, through the library and through the page's /caption
 dropped on the way (the page passing a default, decoding ignoring one) fails here."""
 from __future__ import annotations
 
-import pytest
 from gradio_client import Client, handle_file
-from PIL import Image
 
 from conftest import image_for
 
