@@ -47,6 +47,13 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
         state["word"] = k  # in place, not an output: a caption still streaming its default map reads it
         return views.word_view(state["result"], k, grid)
 
+    def reselect(state, grid):
+        """After a streamed caption: the word a click selected while it streamed. Gradio's completion message
+        repeats the stream's last answer, drawn for the word selected then, and would undo a later click."""
+        if state is None or not state["result"].words:
+            return gr.skip(), gr.skip()
+        return views.word_view(state["result"], state["word"], grid)
+
     def redraw(state, grid):
         """The grid checkbox: the same result drawn again, with or without the patch grid."""
         if state is None:
@@ -123,7 +130,8 @@ def build_demo(models: list[str] | None = None) -> gr.Blocks:
         outputs = [words, word_view, cls_view, strip, result, info, state]
         how = [method, layers, head]
         settings = [max_new, beams, sample, temp, top_k, top_p, seed]
-        run.click(public["caption"], [image, *settings, model, grid, *how], outputs, api_name="caption", **shared)
+        run.click(public["caption"], [image, *settings, model, grid, *how], outputs, api_name="caption", **shared) \
+            .then(reselect, [state, grid], [words, word_view], api_visibility="private")
         run_typed.click(public["explain"], [image, typed, model, grid, *how], outputs, api_name="explain", **shared)
         typed.submit(public["explain"], [image, typed, model, grid, *how], outputs, api_visibility="private", **shared)
         hm_btn.click(public["heatmap"], [image, hm_text, hm_index, model, grid, *how], hm_out, api_name="heatmap",

@@ -269,6 +269,9 @@ MUTATIONS: list[Mutation] = [
              '        state["result"] = loaded.get(state["model"]).remap(state["result"])\n'
              '        return views.word_view(state["result"], k, grid)',
              (T_APP + "test_clicks_and_the_grid_redraw_from_the_state_and_a_method_change_never_regenerates",)),
+    Mutation("a click after the streamed caption's last answer undone by its completion", "app.py",
+             ' \\\n            .then(reselect, [state, grid], [words, word_view], api_visibility="private")', "",
+             ("tests/test_browser.py::test_a_word_clicked_after_the_last_answer_stays_selected_when_the_caption_ends",)),
     Mutation("the grid checkbox re-maps", "app.py",
              '        return views.pictures(state["result"], state["word"], grid)',
              '        return views.pictures(loaded.get(state["model"]).remap(state["result"]), state["word"], grid)',

@@ -169,3 +169,31 @@ def test_click_a_word_then_check_its_map_and_see_the_methods_side_by_side(page, 
     expect(page.locator("#check-curve img")).to_be_visible()
     page.click("#compare-btn")
     expect(page.locator("#methods img")).to_have_count(3)
+
+
+def test_a_word_clicked_after_the_last_answer_stays_selected_when_the_caption_ends(page, scene, monkeypatch):
+    """The caption streams (attention maps, then the default map), and Gradio's completion message repeats the last
+    answer, drawn for the word selected when it was made. A click between the last answer and the end (held open
+    here for a few seconds) must still be what the page shows once the caption has ended."""
+    import time
+
+    from playwright.sync_api import expect
+
+    import captioner
+
+    real = captioner.Captioner.caption_stream
+
+    def ends_late(self, *args, **kwargs):
+        yield from real(self, *args, **kwargs)
+        time.sleep(3)  # the stream's last answer is out; its completion comes later
+
+    monkeypatch.setattr(captioner.Captioner, "caption_stream", ends_late)
+    _upload(page, scene)
+    page.click("#caption-btn")
+    expect(page.get_by_text("maps: relevance")).to_be_visible()  # the last answer, the default map, is showing
+    tokens = page.locator("#words [role=button]")
+    tokens.nth(1).click()
+    expect(tokens.nth(1)).to_have_attribute("style", re.compile(re.escape(SELECTED)))
+    page.wait_for_timeout(5000)  # past the completion and what follows it
+    expect(tokens.nth(1)).to_have_attribute("style", re.compile(re.escape(SELECTED)))
+    assert not _is_selected(tokens.first)
