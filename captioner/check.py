@@ -102,8 +102,13 @@ def hidden_sets(word_map: np.ndarray, fractions=FRACTIONS, draws: int = DRAWS, s
 def word_probabilities(cap, images: list[np.ndarray], ids: list[int], group: list[int]) -> np.ndarray:
     """(B,): the probability of the word spelled by tokens `group` of caption `ids` on each image: one encoder batch
     and one forced decoder pass."""
-    pixel_values = cap.pixel_values(images)  # (B, 3, h, w)
-    decoder_input_ids = decoder_input(cap.start_token_id, ids, cap.device).repeat(len(images), 1)  # (B, T+1)
+    return pixel_word_probabilities(cap, cap.pixel_values(images), ids, group)
+
+
+@torch.no_grad()
+def pixel_word_probabilities(cap, pixel_values: torch.Tensor, ids: list[int], group: list[int]) -> np.ndarray:
+    """`word_probabilities` for model inputs (B, 3, h, w) already made (and hidden) by the caller."""
+    decoder_input_ids = decoder_input(cap.start_token_id, ids, cap.device).repeat(len(pixel_values), 1)  # (B, T+1)
     logits = cap.model(pixel_values=pixel_values, decoder_input_ids=decoder_input_ids).logits  # (B, T+1, V)
     return token_log_probs(logits, decoder_input_ids)[:, group].sum(-1).exp().float().cpu().numpy()  # (B,)
 

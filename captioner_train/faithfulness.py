@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from captioner.check import pixel_word_probabilities
 from captioner.distributed import Ranks
-from captioner.forcing import decoder_input, token_log_probs
 from captioner.loading import EAGER
 from captioner.pipeline import METHODS, Captioner
 
@@ -42,10 +42,7 @@ def deletion_curve(cap: Captioner, image, text: str, word: int, order: np.ndarra
             i, j = divmod(int(flat), gw)
             # 0 is the processor's mean colour: the patch carries no information any more
             batch[s, :, i * h // gh:(i + 1) * h // gh, j * w // gw:(j + 1) * w // gw] = 0
-    decoder_input_ids = decoder_input(cap.start_token_id, ids, cap.device).repeat(STEPS + 1, 1)  # (S+1, T+1)
-    logits = cap.model(pixel_values=batch, decoder_input_ids=decoder_input_ids).logits
-    logp = token_log_probs(logits, decoder_input_ids)  # (S+1, T)
-    return logp[:, groups[word]].sum(-1).exp().cpu().numpy()
+    return pixel_word_probabilities(cap, batch, ids, groups[word])  # (S+1,)
 
 
 def _auc(curve: np.ndarray) -> float:

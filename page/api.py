@@ -128,12 +128,16 @@ def endpoints(loaded: Models) -> dict:
         # the caption with its attention maps as soon as decoding ends, then the chosen method's maps
         shown = None  # the page's state from the first answer on: the page's word click sets its word in place
         for res in cap.caption_stream(image, settings, **map_arguments(cap, method, layers, head)):
-            *pictures, state = publish(cap, res, grid, model, shown is None, word := shown["word"] if shown else 0)
-            if shown is not None:  # the default map: into the same state, so that no click is lost
+            first = shown is None
+            word = 0 if first else shown["word"]
+            *pictures, state = publish(cap, res, grid, model, toast=first, word=word)
+            if not first:  # the default map goes into the same state, so that no click is lost
                 if shown["word"] != word:  # clicked while these were drawn
                     pictures[:2] = views.word_view(state["result"], shown["word"], grid)
-                state = shown.update(result=state["result"]) or shown
-            yield *pictures, (shown := state)
+                shown["result"] = state["result"]
+                state = shown
+            shown = state
+            yield *pictures, state
 
     @page_errors
     @on_gpu
