@@ -18,9 +18,13 @@ submodules (`c_attn`, `q_attn`, `c_proj`, `mlp`, layer norms); layers that are n
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import GPT2LMHeadModel
+from transformers.activations import NewGELUActivation
 
 from .kernels import kernels_for
 
@@ -49,12 +53,24 @@ def cross_keys_values(model, encoder_hidden: torch.Tensor) -> list[tuple[torch.T
     return cross
 
 
+def _norm(ln: nn.LayerNorm):
+    """x -> ln(x) without the module call (a step makes 37 of them)."""
+    shape, w, b, eps = ln.normalized_shape, ln.weight, ln.bias, ln.eps
+    return lambda x: F.layer_norm(x, shape, w, b, eps)
+
+
+def _activation(act: nn.Module):
+    """GPT-2's "gelu_new" (tanh GELU written out in 8 tensor ops) as torch's one fused op; any other as is."""
+    return partial(F.gelu, approximate="tanh") if isinstance(act, NewGELUActivation) else act
+
+
 class _GPT2Steps:
     """One GPT-2 decoding step at a time for R rows (beams of B images), with its own self-attention cache.
 
     Row r belongs to image r // (R // B): rows of an image are contiguous, so its beams' cross-attention is one
     (B, H, R/B, hd) x (B, H, N, hd) attention call against K/V computed once. Each step's cross-attention
-    probabilities are kept in `attn` ((R, L, H, N) per step, rows as they were at that step).
+    probabilities are kept in `attn` ((L, B, H, R/B, N) per step, rows as they were at that step; `row_attention`
+    reads one row back).
     """
 
     def __init__(self, model, cross: list[tuple[torch.Tensor, torch.Tensor]], max_rows: int, max_len: int):
@@ -67,35 +83,43 @@ class _GPT2Steps:
         like = cross[0][0]
         self.keys = [like.new_empty(max_rows, self.H, max_len, self.hd) for _ in self.gpt.h]  # (R, H, T, hd)
         self.values = [like.new_empty(max_rows, self.H, max_len, self.hd) for _ in self.gpt.h]
-        self.attn: list[torch.Tensor] = []  # per step (R, L, H, N)
+        self.blocks = [(block, _norm(block.ln_1), _norm(block.ln_cross_attn), _norm(block.ln_2),
+                        _activation(block.mlp.act)) for block in self.gpt.h]
+        self.ln_f = _norm(self.gpt.ln_f)
+        self.attn: list[torch.Tensor] = []  # per step (L, B, H, R/B, N)
         self.t = 0  # tokens already in the cache
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits (R, V) float32 for token ids (R,) at position self.t."""
-        R, t, H, hd, linear = ids.shape[0], self.t, self.H, self.hd, self.linear
-        pos = torch.full((1,), t, dtype=torch.long, device=ids.device)
-        x = self.gpt.wte(ids) + self.gpt.wpe(pos)  # (R, D)
+        R, t, H, hd, D, linear = ids.shape[0], self.t, self.H, self.hd, self.D, self.linear
+        x = self.gpt.wte(ids) + self.gpt.wpe.weight[t]  # (R, D)
         probs = []
-        for block, (ck, cv), kc, vc in zip(self.gpt.h, self.cross, self.keys, self.values):
+        for (block, ln_1, ln_cross, ln_2, act), (ck, cv), kc, vc in zip(self.blocks, self.cross, self.keys,
+                                                                        self.values):
             attn = block.attn
-            q, k, v = linear(block.ln_1(x), attn.c_attn).split(self.D, dim=1)  # (R, D) each
+            q, k, v = linear(ln_1(x), attn.c_attn).split(D, dim=1)  # (R, D) each
             kc[:R, :, t] = k.view(R, H, hd)
             vc[:R, :, t] = v.view(R, H, hd)
             a = F.scaled_dot_product_attention(q.view(R, H, 1, hd), kc[:R, :, :t + 1], vc[:R, :, :t + 1],
                                                scale=attn.scaling)  # (R, H, 1, hd): the newest token sees all
-            x = x + linear(a.reshape(R, self.D), attn.c_proj)
+            x = x + linear(a.reshape(R, D), attn.c_proj)
             cross = block.crossattention
-            q = linear(block.ln_cross_attn(x), cross.q_attn)  # (R, D)
+            q = linear(ln_cross(x), cross.q_attn)  # (R, D)
             q = q.view(self.B, R // self.B, H, hd).transpose(1, 2)  # (B, H, R/B, hd): an image's beams as queries
             p = (q @ ck.transpose(-1, -2) * cross.scaling).softmax(-1).to(cv.dtype)  # (B, H, R/B, N), as eager
-            a = p @ cv  # (B, H, R/B, hd)
-            probs.append(p.transpose(1, 2).reshape(R, H, -1))  # (R, H, N)
-            x = x + linear(a.transpose(1, 2).reshape(R, self.D), cross.c_proj)
+            probs.append(p)
+            x = x + linear((p @ cv).transpose(1, 2).reshape(R, D), cross.c_proj)  # (B, H, R/B, hd) -> (R, D)
             mlp = block.mlp
-            x = x + linear(mlp.act(linear(block.ln_2(x), mlp.c_fc)), mlp.c_proj)  # dropout: eval, none
-        self.attn.append(torch.stack(probs, 1))  # (R, L, H, N)
+            x = x + linear(act(linear(ln_2(x), mlp.c_fc)), mlp.c_proj)  # dropout: eval, none
+        self.attn.append(torch.stack(probs))  # (L, B, H, R/B, N)
         self.t += 1
-        return linear(self.gpt.ln_f(x), self.lm_head).float()  # (R, V)
+        return linear(self.ln_f(x), self.lm_head).float()  # (R, V)
+
+    def row_attention(self, step: int, row: int) -> torch.Tensor:
+        """The cross-attention (L, H, N) of decoder row `row` at step `step`."""
+        a = self.attn[step]  # (L, B, H, R/B, N)
+        per_image = a.shape[3]
+        return a[:, row // per_image, :, row % per_image]
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Row i of the cache becomes old row rows[i] (beams that survived, possibly duplicated)."""
@@ -124,8 +148,8 @@ def greedy(model, encoder_hidden: torch.Tensor, max_new_tokens: int, start_token
         if not unfinished.any():
             break
     tokens = torch.stack(out, 1).tolist()  # (B, steps)
-    attn, logp = torch.stack(steps.attn, 3), torch.stack(logps, 1)  # (B, L, H, steps, N), (B, steps)
-    return [(row, attn[b], logp[b]) for b, row in enumerate(tokens)]
+    attn, logp = torch.stack(steps.attn, 3)[..., 0, :], torch.stack(logps, 1)  # (L, B, H, steps, N), (B, steps)
+    return [(row, attn[:, b], logp[b]) for b, row in enumerate(tokens)]
 
 
 @torch.inference_mode()
@@ -202,7 +226,7 @@ def beam_search(model, encoder_hidden: torch.Tensor, max_new_tokens: int, num_be
         for s in range(len(tokens) - 1, 0, -1):
             rows.append(int(parents[s][rows[-1]]))
         rows.reverse()
-        cross = torch.stack([steps.attn[s][r] for s, r in enumerate(rows)], 2)  # (L, H, T, N)
+        cross = torch.stack([steps.row_attention(s, r) for s, r in enumerate(rows)], 2)  # (L, H, T, N)
         logp = torch.stack([logps[s][r, tok] for s, (r, tok) in enumerate(zip(rows, tokens))])  # (T,)
         results.append((tokens, cross, logp))
     return results

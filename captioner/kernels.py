@@ -1,15 +1,25 @@
-"""The matrix products decoding runs on, chosen by timing on this machine, and the weight layout they read.
+"""The matrix products decoding runs on, chosen by timing on this machine, and the weight layouts they read.
 
 Why the products are chosen at run time: decoding multiplies a few rows (the beams) by every weight matrix, so it
 is bound by how fast the weights stream from memory, and which kernel streams fastest depends on the CPU, its BLAS
 and the number of rows, by several times either way (`python -m captioner_train.bench` prints what it chose and
-how fast each streamed; docs/decoding.md). `Kernels` times both candidates
-(`KERNELS`) on the model's own weights the first time a decoding step multiplies a given weight shape by a given
-number of rows, and keeps the faster for the process. GPT-2's `Conv1D` weights are laid out (out, in) in memory
-once (`conv1d_out_in`: same shape, values and state_dict, no extra memory), the layout both candidates read.
+how fast each streamed; docs/decoding.md). `Kernels` times the candidates (`KERNELS`, those `available` here) on
+the model's own weights the first time a decoding step multiplies a given weight shape by a given number of rows,
+and keeps the fastest for the process:
 
-    kernels.product("bmm", x, kernels.weight(layer))     # one product by a named kernel, (M, K) -> (M, N)
+- "linear": `F.linear` on the weight laid out (out, in);
+- "packed": the BLAS's own prepacked layout (MKL's `cblas_sgemm_pack`, through `torch.ops.mkl`), made once per
+  weight: a GEMM library packs the weight on every call otherwise, which costs a few-row product most of its
+  bandwidth. Packed copies are kept only for the shapes where "packed" won;
+- "bmm": `bmm_split`, one block of output rows per thread.
+
+GPT-2's `Conv1D` weights are laid out (out, in) in memory once (`conv1d_out_in`: same shape, values and
+state_dict, no extra memory). Each (layer, rows) gets a plan, a closure over its weight, bias and kernel, so a
+product costs one dictionary lookup on top of the kernel; a plan is rebuilt if the layer's weight is replaced or
+changed in place.
+
     kernels.kernels_for(model).linear(x, layer)          # layer(x) by the kernel timed fastest for its shape
+    kernels.kernels_for(model).product("packed", x, w)   # one product by a named kernel, (M, K) -> (M, N)
     with kernels.forced("linear"): ...                   # every product in this process by one kernel
 """
 from __future__ import annotations
@@ -24,20 +34,31 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-KERNELS = ("linear", "bmm")  # F.linear on (out, in) weights; `bmm_split`
+KERNELS = ("linear", "packed", "bmm")
 _forced: str | None = None  # set by `forced`: the kernel of every product in this process
+
+
+def available(device: torch.device | str = "cpu") -> tuple[str, ...]:
+    """The kernels that run on `device` with this torch build: all of them on a CPU with MKL, "linear" elsewhere."""
+    if torch.device(device).type != "cpu":
+        return ("linear",)
+    packed = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+    return tuple(k for k in KERNELS if k != "packed" or packed)
 
 
 def _checked(kernel: str | None) -> str | None:
     if kernel not in (None, *KERNELS):
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}.")
+    if kernel is not None and kernel not in available():
+        raise ValueError(f"kernel {kernel!r} needs a torch build with MKL; this one has {', '.join(available())}.")
     return kernel
 
 
 @contextlib.contextmanager
 def forced(kernel: str):
-    """Inside, every decoding product in this process runs on `kernel` ("linear" or "bmm"), whatever the timing
-    chose or `$CAPTIONER_KERNEL` says: for tests and comparisons whose results must not depend on the machine."""
+    """Inside, every decoding product in this process runs on `kernel` (one of `available()`), whatever the
+    timing chose or `$CAPTIONER_KERNEL` says: for tests and comparisons whose results must not depend on the
+    machine. On a GPU, products stay on `F.linear`."""
     global _forced
     saved, _forced = _forced, _checked(kernel)
     try:
@@ -48,8 +69,8 @@ def forced(kernel: str):
 
 def conv1d_out_in(model: nn.Module) -> nn.Module:
     """Store every transformers `Conv1D` weight (in, out) as the transpose of a contiguous (out, in) tensor, in
-    place: same shape, values and state_dict (checkpoints stay GPT-2's), the memory layout the kernels stream
-    fastest. Returns model."""
+    place: same shape, values and state_dict (checkpoints stay GPT-2's), the layout the kernels read. Returns
+    model."""
     for module in model.modules():
         if isinstance(module, Conv1D) and module.weight.is_contiguous():
             w = module.weight
@@ -59,9 +80,9 @@ def conv1d_out_in(model: nn.Module) -> nn.Module:
 
 def weight(layer: nn.Module) -> torch.Tensor | None:
     """The float weight (out, in), contiguous, of an nn.Linear or a re-laid Conv1D; None for anything else (int8
-    layers, a Conv1D still stored (in, out)), which is then simply called."""
+    or bf16 layers, a Conv1D still stored (in, out)), which is then simply called."""
     w = layer.weight if type(layer) is nn.Linear else layer.weight.t() if type(layer) is Conv1D else None
-    return w if w is not None and w.is_floating_point() and w.is_contiguous() else None
+    return w if w is not None and w.dtype == torch.float32 and w.is_contiguous() else None
 
 
 def bmm_split(x: torch.Tensor, w: torch.Tensor, threads: int) -> torch.Tensor:
@@ -75,38 +96,87 @@ def bmm_split(x: torch.Tensor, w: torch.Tensor, threads: int) -> torch.Tensor:
     return out.t().contiguous()  # (M, N)
 
 
-def product(kernel: str, x: torch.Tensor, w: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-    """x (M, K) @ w (N, K)^T -> (M, N) by `kernel`; threads: the bmm split's blocks (default: torch's threads)."""
-    if _checked(kernel) == "linear":
-        return F.linear(x, w)
-    return bmm_split(x, w, threads or torch.get_num_threads())
+def pack(w: torch.Tensor) -> torch.Tensor:
+    """w (N, K) fp32 in MKL's packed GEMM layout (an opaque tensor as large as w), for `packed_linear`."""
+    return torch.ops.mkl._mkl_reorder_linear_weight(w, 1)  # the layout does not depend on the row count
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, w, bias) for x (M, K) with w read from `pack(w)`: (M, N)."""
+    return torch.ops.mkl._mkl_linear(x, packed, w, bias, x.shape[0])
+
+
+class _Plan:
+    """How one layer multiplies a given number of rows: a closure over its weight, valid while the weight is."""
+    __slots__ = ("layer", "param", "version", "run")
+
+    def __init__(self, layer: nn.Module, run):
+        self.layer, self.param, self.run = layer, layer.weight, run
+        self.version = layer.weight._version
+
+    def valid(self) -> bool:
+        return self.layer.weight is self.param and self.param._version == self.version
 
 
 class Kernels:
-    """For each (weight shape, number of rows, threads): the faster of `F.linear` and the bmm split on this machine.
+    """For each (weight shape, number of rows, threads): the fastest `available` kernel on this machine.
 
-    The first product of a shape and row count times both candidates over all of the model's weights of that
-    shape (so the weights stream from memory as in decoding, not from cache), best of 3 each, and keeps the faster
-    for the life of the model; the bmm split must win by 5 % to replace the stock kernel. GPUs use `F.linear`.
-    force ("linear" or "bmm", or $CAPTIONER_KERNEL) skips the timing; `forced` overrides both.
+    The first product with a given row count times every candidate on every weight of the model, in passes like
+    a decoding step's (`_time`), and keeps the fastest per shape for the life of the model; another kernel must
+    beat `F.linear` by 5 % to replace it. GPUs use `F.linear`. force (a kernel name, or $CAPTIONER_KERNEL) skips the timing; `forced` overrides both.
     """
 
     def __init__(self, model: nn.Module, force: str | None = None):
         self.force = _checked(force or os.environ.get("CAPTIONER_KERNEL") or None)
         self.by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}  # (N, K) -> the weights of that shape
+        self._rank: dict[int, int] = {}  # a weight's address -> its place in the model's order
         for module in model.modules():
             w = weight(module)
             if w is not None:
                 self.by_shape.setdefault(tuple(w.shape), []).append(w)
+                self._rank.setdefault(w.untyped_storage().data_ptr(), len(self._rank))
         self.chosen: dict[tuple[int, int, int, int], tuple[str, dict[str, float]]] = {}  # key -> (kernel, GB/s)
+        self.packs: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}  # w's address -> (w, its version, pack)
+        self.plans: dict[tuple, _Plan] = {}  # (layer, rows, threads, forced) -> plan
 
     def linear(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         """layer(x) for a few rows x (M, K) -> (M, N), by the kernel chosen for this shape and M."""
+        key = (layer, x.shape[0], torch.get_num_threads(), _forced)
+        plan = self.plans.get(key)
+        if plan is None or not plan.valid():
+            plan = self.plans[key] = self._plan(layer, x.shape[0])
+        return plan.run(x)
+
+    def _plan(self, layer: nn.Module, rows: int) -> _Plan:
         w = weight(layer)
         if w is None:
-            return layer(x)
-        out = product(_forced or self.force or self.choose(w, x.shape[0]), x, w)  # (M, N)
-        return out if layer.bias is None else out.add_(layer.bias)
+            return _Plan(layer, layer)
+        kernel, bias = _forced or self.force or self.choose(w, rows), layer.bias
+        if w.device.type != "cpu":
+            kernel = "linear"
+        if kernel == "packed":
+            p = self.pack(w)
+            return _Plan(layer, lambda x: packed_linear(x, p, w, bias))
+        if kernel == "bmm":
+            threads = torch.get_num_threads()
+            return _Plan(layer, lambda x: bmm_split(x, w, threads) if bias is None else bmm_split(x, w, threads)
+                         .add_(bias))
+        return _Plan(layer, lambda x: F.linear(x, w, bias))
+
+    def pack(self, w: torch.Tensor) -> torch.Tensor:
+        """`pack(w)`, made once per weight and kept while its values stay the same (the weight is held, so its
+        memory cannot be reused by another while the packed copy is kept)."""
+        key = w.untyped_storage().data_ptr()
+        kept = self.packs.get(key)
+        if kept is None or kept[0].shape != w.shape or kept[1] != w._version:
+            kept = self.packs[key] = (w, w._version, pack(w))
+        return kept[2]
+
+    def product(self, kernel: str, x: torch.Tensor, w: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """x (M, K) @ w (N, K)^T -> (M, N) by `kernel`, "packed" from the kept packed copy of w."""
+        if _checked(kernel) == "packed":
+            return packed_linear(x, self.pack(w), w, None)
+        return product(kernel, x, w, threads)
 
     def choose(self, w: torch.Tensor, rows: int) -> str:
         """The kernel timed fastest for weight w (N, K) times `rows` rows on this machine (timed on first use)."""
@@ -114,39 +184,68 @@ class Kernels:
             return "linear"
         key = (*w.shape, rows, torch.get_num_threads())
         if key not in self.chosen:
-            self.chosen[key] = self._time(w, rows)
+            self._time(rows)
+        if key not in self.chosen:  # a weight that is not the model's
+            self.chosen[key] = ("linear", {})
         return self.chosen[key][0]
 
-    def _time(self, w: torch.Tensor, rows: int) -> tuple[str, dict[str, float]]:
-        weights = self.by_shape.get(tuple(w.shape), [w])
-        x = torch.randn(rows, w.shape[1], dtype=w.dtype)
-        threads = torch.get_num_threads()
-        best = {name: float("inf") for name in KERNELS}
+    def _time(self, rows: int) -> None:
+        """Time every candidate for every weight shape at `rows` rows, and choose.
+
+        Each timed pass multiplies every weight of the model, in the model's order, by one candidate, as a
+        decoding step does, so that each weight comes from wherever a step finds it (from memory, or from a
+        cache as large as the model), and each product is timed on its own; best of 3 passes per candidate,
+        alternating. Packed copies are kept only for the shapes where "packed" won."""
+        threads, candidates = torch.get_num_threads(), available()
+        order = [w for ws in self.by_shape.values() for w in ws]
+        order.sort(key=lambda w: self._rank[w.untyped_storage().data_ptr()])
+        xs = {k: torch.randn(rows, k) for k in {w.shape[1] for w in order}}
+        best = {(shape, name): float("inf") for shape in self.by_shape for name in candidates}
         with torch.inference_mode():
-            for name in KERNELS:  # warm-up
-                product(name, x, weights[0], threads)
+            for name in candidates:  # warm-up (and the packed copies)
+                for w in order:
+                    self.product(name, xs[w.shape[1]], w, threads)
             for _ in range(3):
-                for name in KERNELS:  # alternate, so neither always finds the other's data in cache
-                    t = time.perf_counter()
-                    for m in weights:
-                        product(name, x, m, threads)
-                    best[name] = min(best[name], time.perf_counter() - t)
-        nbytes = sum(m.numel() * m.element_size() for m in weights)
-        speed = {name: nbytes / seconds / 1e9 for name, seconds in best.items()}  # GB/s
-        return ("bmm" if best["bmm"] < 0.95 * best["linear"] else "linear"), speed
+                for name in candidates:
+                    spent = dict.fromkeys(self.by_shape, 0.0)
+                    for w in order:
+                        t = time.perf_counter()
+                        self.product(name, xs[w.shape[1]], w, threads)
+                        spent[tuple(w.shape)] += time.perf_counter() - t
+                    for shape, seconds in spent.items():
+                        best[shape, name] = min(best[shape, name], seconds)
+        for shape, ws in self.by_shape.items():
+            nbytes = sum(w.numel() * w.element_size() for w in ws)
+            speed = {name: nbytes / best[shape, name] / 1e9 for name in candidates}  # GB/s
+            fastest = max(speed, key=speed.get)
+            kernel = fastest if speed[fastest] > speed["linear"] / 0.95 else "linear"
+            self.chosen[(*shape, rows, threads)] = (kernel, speed)
+            if kernel != "packed" and not any(k[:2] == shape and c == "packed" for k, (c, _) in self.chosen.items()):
+                for w in ws:
+                    self.packs.pop(w.untyped_storage().data_ptr(), None)
 
     def summary(self) -> list[str]:
-        """One line per choice made so far: shape, rows, threads, kernel, and both candidates' GB/s."""
+        """One line per choice made so far: shape, rows, threads, kernel, and every candidate's GB/s."""
         return [f"{n}x{k} weight, {m} row{'s' if m > 1 else ''}, {t} threads: {kernel} "
                 f"({', '.join(f'{name} {v:.1f} GB/s' for name, v in speed.items())})"
                 for (n, k, m, t), (kernel, speed) in sorted(self.chosen.items())]
+
+
+def product(kernel: str, x: torch.Tensor, w: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """x (M, K) @ w (N, K)^T -> (M, N) by `kernel` ("packed" packs w on the spot: `Kernels.product` keeps the
+    packed copy); threads: the bmm split's blocks (default: torch's threads)."""
+    if _checked(kernel) == "linear":
+        return F.linear(x, w)
+    if kernel == "packed":
+        return packed_linear(x, pack(w), w, None)
+    return bmm_split(x, w, threads or torch.get_num_threads())
 
 
 _KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its Kernels
 
 
 def kernels_for(model: nn.Module) -> Kernels:
-    """The model's `Kernels`, made once per model (its timings are kept with it)."""
+    """The model's `Kernels`, made once per model (its timings and packed weights are kept with it)."""
     if model not in _KERNELS:
         _KERNELS[model] = Kernels(model.decoder if hasattr(model, "decoder") else model)
     return _KERNELS[model]

@@ -60,7 +60,7 @@ def image_for(k: int, size=(32, 48)) -> np.ndarray:
     return img
 
 
-@pytest.fixture(params=kernels.KERNELS)
+@pytest.fixture(params=kernels.available())
 def kernel(request):
     """Each kernel decoding can run on, forced for every model in this process while the test runs."""
     with kernels.forced(request.param):

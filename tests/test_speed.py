@@ -189,7 +189,7 @@ def test_both_kernels_compute_the_layer(random_tiny, threads, rows):
             x = torch.randn(rows, kernels.weight(layer).shape[1], device=random_tiny.device,
                             dtype=random_tiny.model.dtype)
             want = layer(x)  # the module's own forward (Conv1D: x @ W + b)
-            for kernel in kernels.KERNELS:
+            for kernel in kernels.available():
                 got = kernels.Kernels(random_tiny.model.decoder, force=kernel).linear(x, layer)
                 assert got.shape == want.shape and torch.allclose(got, want, atol=atol(random_tiny)), kernel
     finally:
@@ -204,20 +204,25 @@ def test_kernels_are_chosen_by_timing_and_decode_the_same(random_eos):
         assert timed.choose(w, 4) == "linear"
         return
     kernel = timed.choose(w, 4)
-    (chosen, speeds), = timed.chosen.values()
-    assert kernel == chosen in kernels.KERNELS and set(speeds) == set(kernels.KERNELS)
-    assert all(v > 0 for v in speeds.values()) and timed.summary()[0].startswith(f"{w.shape[0]}x{w.shape[1]}")
+    chosen, speeds = timed.chosen[(*w.shape, 4, torch.get_num_threads())]
+    assert kernel == chosen in kernels.available() and set(speeds) == set(kernels.available())
+    assert all(v > 0 for v in speeds.values())
+    assert any(line.startswith(f"{w.shape[0]}x{w.shape[1]} weight, 4 rows") for line in timed.summary())
+    # one timing pass chooses for every weight shape of the model at that row count
+    assert {key[:2] for key in timed.chosen} == set(timed.by_shape)
     with pytest.raises(ValueError, match="kernel"):
         kernels.Kernels(random_eos.model.decoder, force="magic")
     results = {}
-    for kernel in kernels.KERNELS:
+    for kernel in kernels.available():
         with kernels.forced(kernel):
             results[kernel] = [random_eos.caption(image_for(k), max_new_tokens=24, num_beams=4, method="attention")
                                for k in range(len(CAPTIONS))]
-    # The two kernels sum in different orders, and how far apart that leaves them depends on the CPU's BLAS: 2e-5 in
+    # The kernels sum in different orders, and how far apart that leaves them depends on the CPU's BLAS: 2e-5 in
     # a map on an AMX Xeon, under 1e-5 on an AMD EPYC. Tokens must agree exactly.
-    for a, b in zip(*results.values()):
-        assert a.token_ids == b.token_ids and np.allclose(a.word_maps, b.word_maps, atol=atol(random_eos, 1e-4))
+    for kernel, got in results.items():
+        for a, b in zip(results["linear"], got, strict=True):
+            assert a.token_ids == b.token_ids and np.allclose(a.word_maps, b.word_maps, atol=atol(random_eos, 1e-4)), \
+                kernel
 
 
 def test_int8_fast_decoding_equals_generate_on_the_same_int8_model(tiny_dir):
@@ -385,14 +390,16 @@ def test_bench_command_writes_the_tables_of_the_figures_it_returns(tiny_dir, tmp
 
 def test_a_forced_kernel_runs_every_product_of_the_decoding(random_tiny, monkeypatch):
     """`kernels.forced` is what the exact tests rely on: under it, decoding's products run on that kernel only."""
-    calls = []
-    split = kernels.bmm_split
-    monkeypatch.setattr(kernels, "bmm_split", lambda *args: calls.append(args) or split(*args))
-    for kernel in kernels.KERNELS:
-        calls.clear()
+    calls = {"bmm": [], "packed": []}
+    split, packed = kernels.bmm_split, kernels.packed_linear
+    monkeypatch.setattr(kernels, "bmm_split", lambda *args: calls["bmm"].append(args) or split(*args))
+    monkeypatch.setattr(kernels, "packed_linear", lambda *args: calls["packed"].append(args) or packed(*args))
+    for kernel in kernels.available():
+        for seen in calls.values():
+            seen.clear()
         with kernels.forced(kernel):
             random_tiny.caption(image_for(0), max_new_tokens=4, num_beams=2, method="attention")
-        assert bool(calls) == (kernel == "bmm"), kernel
+        assert {name for name, seen in calls.items() if seen} == ({kernel} & set(calls)), kernel
     with pytest.raises(ValueError, match="kernel"):
         with kernels.forced("magic"):
             pass
