@@ -9,11 +9,13 @@ Two models: the full-size architecture of nlpconnect/vit-gpt2-image-captioning (
 cross-attention, vocab 50257) built offline from default configs with random weights and a random byte-level BPE
 of the same size, and `--model` (default: `captioner.default_model()`). For each, beam 4 and greedy with 16 new
 tokens alternate the anchor (plain `generate` from pixels on the model loaded with default SDPA attention) and
-`cap.caption(...)` on one image, and report medians, the ratio and whether the tokens were identical; the floor
-(the encoder, then 16 steps that only stream every decoder weight once through the faster kernel) and the
-kernels `captioner.kernels` chose on this machine; the default map method against attention for an 11-word caption
-(explain, and caption + maps) and a server-like process's peak RSS. Then: the int8 path (speed and word agreement with fp32), a word click (overlay of one word on a 1024 px image from the
-cached maps), cold start to first caption in a fresh process with its peak RSS, and batch mode in images/s.
+`cap.caption(...)` on one image, and report medians, the ratio and whether the tokens were identical; the two
+floors of `floors` over the steps that caption decoded: the kernel floor (the encoder, then steps that only stream
+every decoder weight once through the faster kernel) and the physical floor (the encoder, then each step's weight
+bytes at the best read bandwidth sampled between the timed runs); the kernels `captioner.kernels` chose on this
+machine; the default map method against attention for an 11-word caption (explain, and caption + maps). Then: the
+int8 path (speed and word agreement with fp32), a word click (overlay of one word on a 1024 px image from the cached
+maps), cold start to first caption in a fresh process with its peak RSS, and batch mode in images/s.
 """
 from __future__ import annotations
 
@@ -33,10 +35,12 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 import captioner
-from captioner import decoding, fastdecode, kernels
+from captioner import decoding, kernels
 from captioner.render import titled_overlay
 
+from . import floors
 from .architecture import ModelConfig, image_processor, joined
+from .floors import Floor, ReadBandwidth
 from .report import command_line, cpu_name, launcher, write_markdown
 from .synthetic import make_scene
 from .vocabulary import random_bpe_tokenizer
@@ -85,16 +89,19 @@ class Comparison:
     full: float = 0.0  # caption() with the default map method (what the page shows last)
 
 
-def compare(cap, anchor, image, num_beams: int, repeats: int) -> Comparison:
+def compare(cap, anchor, image, num_beams: int, repeats: int, bandwidth: ReadBandwidth | None = None) -> Comparison:
     """Alternate plain generate, cap.caption with attention maps (the first answer: what decoding itself costs)
-    and cap.caption with the default method on one image, one warm-up each; medians in seconds."""
+    and cap.caption with the default method on one image, one warm-up each; medians in seconds. Before each
+    timed round, a sample of `bandwidth`."""
     plain, ours, full = [], [], []
-    ids = plain_generate(anchor, cap.processor, image, num_beams)
+    ids = plain_generate(anchor, cap.processor, image, num_beams, NEW_TOKENS)
     res = cap.caption(image, max_new_tokens=NEW_TOKENS, num_beams=num_beams, method="attention")
     cap.caption(image, max_new_tokens=NEW_TOKENS, num_beams=num_beams)
     for _ in range(repeats):
+        if bandwidth is not None:
+            bandwidth.sample()
         t = time.perf_counter()
-        ids = plain_generate(anchor, cap.processor, image, num_beams)
+        ids = plain_generate(anchor, cap.processor, image, num_beams, NEW_TOKENS)
         plain.append(time.perf_counter() - t)
         t = time.perf_counter()
         res = cap.caption(image, max_new_tokens=NEW_TOKENS, num_beams=num_beams, method="attention")
@@ -188,43 +195,6 @@ def eleven_words(tokenizer) -> str:
         if len(words) == 11:
             break
     return " ".join(words)
-
-
-@dataclass
-class Floor:
-    floor: float  # median seconds with each weight through the kernel kernels.Kernels chose
-    linear: float  # ... through F.linear alone
-
-
-def floor_seconds(cap, anchor, image, rows: int, repeats: int, new_tokens: int = NEW_TOKENS) -> Floor:
-    """The least a caption can cost here: the anchor's encoder (SDPA, no attentions), the cross-attention keys and
-    values once for the image (any decoder with a cache computes them once), then `new_tokens` steps that only
-    multiply `rows` rows by every other decoder weight once (LM head included), each weight through the kernel
-    `captioner.kernels` chose for it, and through `F.linear` alone. Medians in seconds."""
-    weights = [w for name, m in cap.model.decoder.named_modules() if not name.endswith("crossattention.c_attn")
-               for w in [kernels.weight(m)] if w is not None]
-    chosen_for = kernels.kernels_for(cap.model).choose
-    pixel_values = cap.pixel_values(image)
-    xs = {k: torch.randn(rows, k) for k in {w.shape[1] for w in weights}}
-    threads = torch.get_num_threads()
-
-    def run(chosen: bool) -> float:
-        t = time.perf_counter()
-        with torch.inference_mode():
-            hidden = anchor.encoder(pixel_values=pixel_values).last_hidden_state  # (1, N, D)
-            fastdecode.cross_keys_values(cap.model, hidden)
-            for _ in range(new_tokens):
-                for w in weights:
-                    x = xs[w.shape[1]]
-                    kernels.product(chosen_for(w, rows) if chosen else "linear", x, w, threads)
-        return time.perf_counter() - t
-
-    run(True), run(False)  # warm-up (and the kernels' timing, if not done yet)
-    best, linear = [], []
-    for _ in range(repeats):
-        best.append(run(True))
-        linear.append(run(False))
-    return Floor(_median(best), _median(linear))
 
 
 @dataclass
@@ -339,6 +309,8 @@ class ModelBench:
     decoding: list[DecodingRow]  # beam 4, then greedy
     decoded_by: str  # captioner's own loop, or generate and why
     kernels: list[str]  # the kernels kernels.Kernels chose on this machine (`Kernels.summary`)
+    step_bytes: int  # fp32 decoder weights a step reads, LM head and cross K/V projection included
+    step_bytes_no_cross: int  # ... without the cross K/V projection, which runs once per image
     maps: MapCost
     int8: Int8Figures
     batch: BatchFigures
@@ -352,14 +324,27 @@ class Bench:
     repeats: int  # timed runs per side, after one warm-up
     models: list[ModelBench] = field(default_factory=list)
     click_ms: float | None = None  # one word's overlay on a 1024x1024 image from cached maps (`click_ms`)
+    bandwidth: list[float] = field(default_factory=list)  # read bandwidth samples, bytes/s (`floors.ReadBandwidth`)
+    passes: int = floors.PASSES  # sums per bandwidth sample
 
 
-def _decoding_rows(cap, folder: str, image, repeats: int) -> list[DecodingRow]:
-    """Beam 4 and greedy: caption() against generate on the model as transformers loads it, and the floor."""
+def physical(bench: Bench, m: ModelBench, row: DecodingRow) -> float:
+    """The physical floor of one decoding row, in seconds: its measured encoder, then its steps' weight reads at the
+    bench's best read bandwidth."""
+    return floors.physical_floor(row.floor.encoder, row.floor.steps, m.step_bytes,
+                                 floors.best_bandwidth(bench.bandwidth))
+
+
+def _decoding_rows(cap, folder: str, image, repeats: int, bandwidth: ReadBandwidth | None) -> list[DecodingRow]:
+    """Beam 4 and greedy: caption() against generate on the model as transformers loads it (a bandwidth sample
+    before each timed round), and the kernel floor over the steps that caption decoded."""
     anchor = _load_anchor(folder)
-    return [DecodingRow(mode, compare(cap, anchor, image, beams, repeats),
-                        floor_seconds(cap, anchor, image, beams, repeats))
-            for beams, mode in ((4, "beam 4"), (1, "greedy"))]
+    rows = []
+    for beams, mode in ((4, "beam 4"), (1, "greedy")):
+        c = compare(cap, anchor, image, beams, repeats, bandwidth)
+        steps = floors.steps_decoded(c.tokens, NEW_TOKENS)
+        rows.append(DecodingRow(mode, c, floors.floor_seconds(cap, anchor, image, beams, repeats, steps)))
+    return rows
 
 
 def _decoded_by(cap) -> str:
@@ -372,12 +357,16 @@ def _int8(folder: str, cap, images: list) -> Int8Figures:
     return int8_figures(cap, cap8, images)
 
 
-def bench_model(label: str, folder: str, image, int8_images: list, batch_images: list, repeats: int, text: str):
-    """Every figure of the model in `folder` but its cold start; returns them and its fp32 Captioner."""
+def bench_model(label: str, folder: str, image, int8_images: list, batch_images: list, repeats: int, text: str,
+                bandwidth: ReadBandwidth | None = None):
+    """Every figure of the model in `folder` but its cold start (`bandwidth` sampled between the decoding's timed
+    rounds); returns them and its fp32 Captioner."""
     cap = captioner.load(folder, device="cpu")
-    rows = _decoding_rows(cap, folder, image, repeats)
+    rows = _decoding_rows(cap, folder, image, repeats, bandwidth)
     chosen = kernels.kernels_for(cap.model).summary()  # what decoding and the floor chose
-    result = ModelBench(label, rows, _decoded_by(cap), chosen, map_cost(cap, image, text, repeats),
+    decoder = cap.model.decoder
+    result = ModelBench(label, rows, _decoded_by(cap), chosen, floors.decoder_weight_bytes(decoder),
+                        floors.decoder_weight_bytes(decoder, cross_kv=False), map_cost(cap, image, text, repeats),
                         _int8(folder, cap, int8_images), batch_figures(cap, batch_images),
                         check_cost(cap, image, repeats))
     return result, cap
@@ -391,6 +380,25 @@ def _text_rows(m: ModelBench) -> list[str]:
                     f"  {'yes' if r.same else 'NO':<4} {f.floor:>7.3f} s {r.ours / f.floor:>6.2f}x"
                     f"   {f.linear:>7.3f} s {r.full:>9.3f} s  {r.tokens:>3} tokens, {r.words} words")
     return rows
+
+
+def _text_floor_rows(bench: Bench, m: ModelBench) -> list[str]:
+    rows = []
+    for row in m.decoding:
+        r, f, p = row.comparison, row.floor, physical(bench, m, row)
+        rows.append(f"{m.label:<22} {row.mode:<7} {r.ours:>9.3f} s {f.floor:>7.3f} s {p:>8.3f} s {r.ours / p:>8.2f}x"
+                    f" {f.floor / p:>8.2f}x {f.encoder:>7.3f} s {f.encoder / p:>7.0%} {f.steps:>6}  "
+                    f"{'yes' if r.same else 'NO'}")
+    return rows
+
+
+def _text_physical(bench: Bench) -> list[str]:
+    best, gb = floors.best_bandwidth(bench.bandwidth) / 1e9, [b / 1e9 for b in bench.bandwidth]
+    return [f"read bandwidth (sum of a 1 GiB fp32 tensor, best of {bench.passes} passes a sample): best "
+            f"{best:.1f} GB/s, samples {min(gb):.1f}-{max(gb):.1f} GB/s ({len(gb)} samples)",
+            *(f"{m.label}: fp32 decoder weights a step reads, LM head included: {m.step_bytes / 1e6:.1f} MB with the "
+              f"cross K/V projection (standing for its one product per image), {m.step_bytes_no_cross / 1e6:.1f} MB "
+              "without" for m in bench.models)]
 
 
 def _text_extras(m: ModelBench) -> list[str]:
@@ -430,16 +438,48 @@ def text_report(bench: Bench) -> str:
                           "median")
         extras += _text_cold(m)
     return "\n".join([
-        f"\n{'model':<22} {'mode':<7} {'generate':>11} {'first':>11} {'ratio':>7}  {'same':<4} {'floor':>9} "
-        f"{'/floor':>7}   {'F.linear':>9} {'default':>11}",
-        f"{'':<22} {'':<7} {'(caption)':>11} {'answer':>11} {'':>7}  {'':<4} {'':>9} {'':>7}   {'floor':>9} "
-        f"{'map':>11}",
-        *(row for m in bench.models for row in _text_rows(m)), "", *extras])
+        f"\n{'model':<22} {'mode':<7} {'generate':>11} {'first':>11} {'ratio':>7}  {'same':<4} {'kernel':>9} "
+        f"{'/kernel':>7}   {'F.linear':>9} {'default':>11}",
+        f"{'':<22} {'':<7} {'(caption)':>11} {'answer':>11} {'':>7}  {'':<4} {'floor':>9} {'floor':>7}   "
+        f"{'floor':>9} {'map':>11}",
+        *(row for m in bench.models for row in _text_rows(m)), "",
+        f"{'model':<22} {'mode':<7} {'first':>11} {'kernel':>9} {'physical':>10} {'first /':>9} {'kernel /':>9} "
+        f"{'encoder':>9} {'encoder':>7} {'steps':>6}  same",
+        f"{'':<22} {'':<7} {'answer':>11} {'floor':>9} {'floor':>10} {'physical':>9} {'physical':>9} {'':>9} "
+        f"{'share':>7}",
+        *(row for m in bench.models for row in _text_floor_rows(bench, m)), "", *_text_physical(bench), "",
+        *extras])
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
                       *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+def _floor_tables(bench: Bench) -> list[tuple[str, str]]:
+    """The first answer against both floors, and what the physical floor is made of."""
+    best, gb = floors.best_bandwidth(bench.bandwidth) / 1e9, [b / 1e9 for b in bench.bandwidth]
+    return [(
+        "The first answer against the floors, in seconds. Kernel floor as above; physical floor is the encoder (the "
+        "anchor's SDPA encoder, measured, median) plus steps x the decoder's fp32 weight bytes per step / the best "
+        "read bandwidth (both below); steps are the decoding steps of the timed caption, the step that chose EOS "
+        "included (both floors use them); the ratios are over the physical floor; encoder share is the encoder's "
+        "part of the physical floor; same: whether the first answer's tokens equal `generate`'s.",
+        _table(["model", "mode", "first answer (s)", "kernel floor (s)", "physical floor (s)",
+                "first answer / physical", "kernel floor / physical", "encoder (s)", "encoder share", "steps", "same"],
+               [[m.label, row.mode, f"{row.comparison.ours:.3f}", f"{row.floor.floor:.3f}", f"{p:.3f}",
+                 f"{row.comparison.ours / p:.2f}x", f"{row.floor.floor / p:.2f}x", f"{row.floor.encoder:.3f}",
+                 f"{row.floor.encoder / p:.0%}", str(row.floor.steps), "yes" if row.comparison.same else "NO"]
+                for m in bench.models for row in m.decoding for p in [physical(bench, m, row)]])), (
+        f"The physical floor's inputs. Read bandwidth: `t.sum()` over a 1 GiB fp32 tensor, sampled before each timed "
+        f"round of the decoding comparisons, each sample the best of {bench.passes} passes; the best sample is the "
+        "machine's limit. Weights per step: every nn.Linear / GPT-2 Conv1D weight of the decoder in fp32, LM head "
+        "included; the count with the cross-attention K/V projection (which runs once per image, not per step) "
+        "stands for that one product per image, and is the one the physical floor uses.",
+        _table(["model", "weights per step, with cross K/V (MB)", "without cross K/V (MB)",
+                "read bandwidth, best (GB/s)", "samples, min-max (GB/s)", "samples"],
+               [[m.label, f"{m.step_bytes / 1e6:.1f}", f"{m.step_bytes_no_cross / 1e6:.1f}", f"{best:.1f}",
+                 f"{min(gb):.1f}-{max(gb):.1f}", str(len(gb))] for m in bench.models]))]
 
 
 def markdown_tables(bench: Bench) -> list[tuple[str, str]]:
@@ -450,18 +490,20 @@ def markdown_tables(bench: Bench) -> list[tuple[str, str]]:
     tables = [(
         f"Decoding, {setup} Columns: generate is plain `generate` (the caption alone, default SDPA attention); "
         "first answer is the time to the page's first answer, `Captioner.caption` with attention maps (caption and "
-        "maps); ratio is generate / first answer; same: whether the tokens are identical; floor is the encoder, then "
-        "one pass over every decoder weight per token through the kernels kernels.Kernels chose, and /floor the first "
-        "answer over it; F.linear floor the same pass through F.linear alone; default map is `caption` with the "
-        "default map method (the page's last answer); then the caption's length.",
-        _table(["model", "mode", "generate (s)", "first answer (s)", "ratio", "same", "floor (s)", "/floor",
+        "maps); ratio is generate / first answer; same: whether the tokens are identical; kernel floor is the "
+        "encoder, the cross-attention keys/values once, then one pass over every other decoder weight per decoding "
+        "step through the kernels kernels.Kernels chose, and /kernel floor the first answer over it; F.linear floor "
+        "the same pass through F.linear alone; default map is `caption` with the default map method (the page's last "
+        "answer); then the caption's length.",
+        _table(["model", "mode", "generate (s)", "first answer (s)", "ratio", "same", "kernel floor (s)",
+                "/kernel floor",
                 "F.linear floor (s)", "default map (s)", "tokens", "words"],
                [[m.label, row.mode, f"{row.comparison.plain:.3f}", f"{row.comparison.ours:.3f}",
                  f"{row.comparison.plain / row.comparison.ours:.2f}x", "yes" if row.comparison.same else "NO",
                  f"{row.floor.floor:.3f}", f"{row.comparison.ours / row.floor.floor:.2f}x",
                  f"{row.floor.linear:.3f}", f"{row.comparison.full:.3f}", str(row.comparison.tokens),
                  str(row.comparison.words)]
-                for m in ms for row in m.decoding])), (
+                for m in ms for row in m.decoding])), *_floor_tables(bench), (
         "How each model is decoded, and the kernel kernels.Kernels chose for each weight shape on this machine (its "
         "timed bandwidth for both candidates).",
         _table(["model", "decoded by", "kernels chosen"], [[m.label, m.decoded_by, "; ".join(m.kernels) or "–"]
@@ -529,6 +571,7 @@ def main(argv: list[str] | None = None) -> Bench:
     print(f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {NEW_TOKENS} new tokens, "
           f"fp32, {args.repeats} timed repeats after a warm-up, medians")
     bench = Bench(torch.get_num_threads(), args.repeats)
+    bandwidth = ReadBandwidth()  # 1 GiB held for the whole bench, so each sample reads the same touched memory
     with tempfile.TemporaryDirectory() as tmp:
         full = args.full_size_dir or tmp
         if not Path(full, "config.json").exists():
@@ -538,7 +581,7 @@ def main(argv: list[str] | None = None) -> Bench:
         photo_images = [np.asarray(Image.open(p).convert("RGB")) for p in photos]
         text = eleven_words(AutoTokenizer.from_pretrained(full))  # the tokenizer alone: not the 1 GB model twice
         figures, cap = bench_model("vit-gpt2 size (random)", full, photo, photo_images, (photo_images * 2)[:8],
-                                   args.repeats, text)
+                                   args.repeats, text, bandwidth)
         big = np.asarray(Image.open(photos[0]).convert("RGB").resize((1024, 1024)))
         bench.click_ms = click_ms(cap.caption(big, max_new_tokens=NEW_TOKENS))
         del cap
@@ -546,9 +589,11 @@ def main(argv: list[str] | None = None) -> Bench:
         bench.models.append(figures)
     label = "bundled scene model" if second == captioner.BUNDLED_MODEL else Path(second).name[-22:]
     scene_text = make_scene(1_000_000).caption
-    figures, _ = bench_model(label, second, scenes[0], scenes, scenes[:16], args.repeats, scene_text)
+    figures, _ = bench_model(label, second, scenes[0], scenes, scenes[:16], args.repeats, scene_text, bandwidth)
     figures.cold = cold_start(second, str(EXAMPLES / "scene_17.png"), scene_text)
     bench.models.append(figures)
+    bench.bandwidth, bench.passes = bandwidth.samples, bandwidth.passes
+    del bandwidth
     print(text_report(bench))
     if args.markdown:
         prog = launcher("captioner_train.bench") if from_shell else "python -m captioner_train.bench"

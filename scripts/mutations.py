@@ -22,7 +22,7 @@ class Mutation(NamedTuple):
 T_CAP, T_RULES, T_SPEED = "tests/test_captioner.py::", "tests/test_rules.py::", "tests/test_speed.py::"
 T_APP, T_ROB, T_RENDER = "tests/test_app.py::", "tests/test_robustness.py::", "tests/test_render.py::"
 T_COLL, T_SET, T_LIM = "tests/test_collection.py::", "tests/test_settings.py::", "tests/test_limits.py::"
-T_IMG = "tests/test_images.py::"
+T_IMG, T_BENCH = "tests/test_images.py::", "tests/test_bench.py::"
 BEAM_RULES = (T_SPEED + "test_beam_search_follows_length_penalty_and_early_stopping",
               T_SPEED + "test_the_settings_above_change_which_beam_wins")
 LIB_SAMPLING = (T_SET + "test_each_sampling_setting_changes_what_the_library_returns",)
@@ -290,4 +290,39 @@ MUTATIONS: list[Mutation] = [
     Mutation("every process takes rank 0's batches", "captioner/distributed.py",
              "return items[self.rank::self.world]", "return items[::self.world]",
              (T_COLL + "test_each_batch_goes_to_exactly_one_process_round_robin",)),
+    # --- the bench's floors
+    Mutation("bytes per step without the LM head", "captioner_train/floors.py",
+             "if isinstance(m, (nn.Linear, Conv1D)) and", "if isinstance(m, Conv1D) and",
+             (T_BENCH + "test_bytes_per_step_are_the_decoder_weights_with_and_without_the_cross_kv_projection",)),
+    Mutation("bytes per step keep the cross K/V projection when asked to leave it out", "captioner_train/floors.py",
+             " and (cross_kv or not is_cross_kv(name))", "",
+             (T_BENCH + "test_bytes_per_step_are_the_decoder_weights_with_and_without_the_cross_kv_projection",)),
+    Mutation("physical floor reads the weights once, not once per step", "captioner_train/floors.py",
+             "return encoder + steps * bytes_per_step / bandwidth", "return encoder + bytes_per_step / bandwidth",
+             (T_BENCH + "test_physical_floor_is_the_encoder_plus_each_steps_weight_reads_at_the_best_bandwidth",)),
+    Mutation("physical floor without the encoder", "captioner_train/floors.py",
+             "return encoder + steps * bytes_per_step / bandwidth", "return steps * bytes_per_step / bandwidth",
+             (T_BENCH + "test_physical_floor_is_the_encoder_plus_each_steps_weight_reads_at_the_best_bandwidth",)),
+    Mutation("decoding steps without the step that chose EOS", "captioner_train/floors.py",
+             "return min(tokens + 1, max_new_tokens)", "return min(tokens, max_new_tokens)",
+             (T_BENCH + "test_physical_floor_is_the_encoder_plus_each_steps_weight_reads_at_the_best_bandwidth",)),
+    Mutation("best bandwidth the last sample, not the best", "captioner_train/floors.py",
+             "return max(samples)", "return samples[-1]",
+             (T_BENCH + "test_best_bandwidth_is_the_best_sample_and_each_sample_its_best_pass",)),
+    Mutation("a bandwidth sample keeps its last pass, not its best", "captioner_train/floors.py",
+             "best = max(best, nbytes / (time.perf_counter() - t))", "best = nbytes / (time.perf_counter() - t)",
+             (T_BENCH + "test_best_bandwidth_is_the_best_sample_and_each_sample_its_best_pass",)),
+    Mutation("no bandwidth sample between the timed rounds", "captioner_train/bench.py",
+             "        if bandwidth is not None:\n            bandwidth.sample()\n", "",
+             (T_BENCH + "test_bench_command_writes_the_tables_of_the_figures_it_returns",)),
+    Mutation("kernel floor over every new token, not the steps the caption decoded", "captioner_train/bench.py",
+             "floors.floor_seconds(cap, anchor, image, beams, repeats, steps)",
+             "floors.floor_seconds(cap, anchor, image, beams, repeats, NEW_TOKENS)",
+             (T_BENCH + "test_bench_figures_and_the_markdown_tables_written_from_them",)),
+    Mutation("physical floor from the weights without the cross K/V projection", "captioner_train/bench.py",
+             "row.floor.steps, m.step_bytes,", "row.floor.steps, m.step_bytes_no_cross,",
+             (T_BENCH + "test_bench_figures_and_the_markdown_tables_written_from_them",)),
+    Mutation("encoder share taken of the kernel floor", "captioner_train/bench.py",
+             'f"{row.floor.encoder / p:.0%}"', 'f"{row.floor.encoder / row.floor.floor:.0%}"',
+             (T_BENCH + "test_bench_figures_and_the_markdown_tables_written_from_them",)),
 ]

@@ -1,11 +1,9 @@
 """The fast path: `fastdecode` gives plain `generate`'s tokens (every beam-search setting, every kernel, int8) and the
-attention that produced them; int8, batch mode, the CLI; the bench's figures and the tables it writes from them. No
-timing assertions here: `python -m captioner_train.bench` prints the speeds."""
+attention that produced them; int8, batch mode, the CLI. No timing assertions here: `python -m captioner_train.bench`
+prints the speeds (tests/test_bench.py: its figures and tables)."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -326,66 +324,6 @@ def test_random_bpe_tokenizer_has_the_requested_size():
     assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
     with pytest.raises(ValueError, match="vocab_size"):
         random_bpe_tokenizer(100)
-
-
-def test_bench_figures_and_the_markdown_tables_written_from_them(tiny, tiny_dir, tmp_path):
-    """`bench_model` on the tiny model (one timed run a side), and the file `--markdown` writes: the header, then
-    tables whose cells are the returned figures."""
-    from captioner_train import bench, report
-
-    images = [image_for(k) for k in range(len(CAPTIONS))]
-    figures, cap = bench.bench_model("tiny", tiny_dir, images[0], images[:2], images[:3], 1, CAPTIONS[0])
-    assert [row.mode for row in figures.decoding] == ["beam 4", "greedy"]
-    assert all(row.comparison.same for row in figures.decoding), "caption() decodes generate's tokens"
-    assert figures.decoded_by == "captioner's own loop (fastdecode)" and figures.kernels
-    assert (figures.maps.words, figures.int8.n, figures.batch.n) == (len(CAPTIONS[0].split()), 2, 3)
-    figures.cold = bench.ColdStart(1.5, 0.5, 0.25, 0.75, 321.0)  # a fresh interpreter is too slow for this suite
-    results = bench.Bench(threads=torch.get_num_threads(), repeats=1, models=[figures],
-                          click_ms=bench.click_ms(cap.caption(images[0]), clicks=2))
-    command = f"python -m captioner_train.bench --markdown {tmp_path / 'bench.md'}"
-    report.write_markdown(tmp_path / "bench.md", command, bench.markdown_tables(results))
-    text = (tmp_path / "bench.md").read_text()
-    assert text.splitlines()[0] == report.header(command)
-    rows = report.table_rows(text)
-    for row in figures.decoding:
-        c, f = row.comparison, row.floor
-        assert ["tiny", row.mode, f"{c.plain:.3f}", f"{c.ours:.3f}", f"{c.plain / c.ours:.2f}x", "yes",
-                f"{f.floor:.3f}", f"{c.ours / f.floor:.2f}x", f"{f.linear:.3f}", f"{c.full:.3f}", str(c.tokens),
-                str(c.words)] in rows
-        assert c.full > 0, "the default map's time is measured"
-    k = figures.check
-    assert k.images == 1 + 3 * 3 and ["tiny", str(k.images), f"{k.check:.3f}", f"{k.caption:.3f}",
-                                      f"{k.check / k.caption:.2f}x"] in rows
-    assert f"tiny: map check of one word ({k.images} images, one batch) {k.check:.3f} s" in bench.text_report(results)
-    m, q, b = figures.maps, figures.int8, figures.batch
-    assert ["tiny", m.method, str(m.words), f"{m.explain:.3f}", f"{m.explain_attention:.3f}",
-            f"{m.explain / m.explain_attention:.2f}x", f"{m.caption:.3f}", f"{m.caption_attention:.3f}",
-            f"{m.caption / m.caption_attention:.2f}x"] in rows
-    assert ["tiny", f"{q.fp32:.3f}", f"{q.int8:.3f}", f"{q.fp32 / q.int8:.2f}x", f"{q.agree:.1%}", f"{q.tokens:.1%}",
-            f"{q.exact:.0%}", "2"] in rows
-    assert ["tiny", f"{b.single:.2f}", f"{b.batched:.2f}", f"{b.batched / b.single:.2f}x", f"{b.same:.0%}", "3"] in rows
-    assert ["tiny", "1.5", "0.5", "0.2", "0.75", "321"] in rows and ["1024x1024", f"{results.click_ms:.1f}"] in rows
-    assert ["tiny", figures.decoded_by, "; ".join(figures.kernels)] in rows
-    printed = bench.text_report(results)
-    assert f"tiny: int8 beam 4 caption()+maps {q.int8:.3f} s vs fp32 {q.fp32:.3f} s" in printed
-
-
-def test_bench_command_writes_the_tables_of_the_figures_it_returns(tiny_dir, tmp_path, monkeypatch, capsys):
-    """`python -m captioner_train.bench --markdown FILE` with the tiny model in both places: the file is the header
-    with the exact command, then the tables of the very figures the command returns."""
-    from captioner_train import bench, report
-
-    # a fresh interpreter per model is too slow for this suite; its figures are fixed instead
-    monkeypatch.setattr(bench, "cold_start", lambda *a: bench.ColdStart(2.0, 1.0, 0.5, 0.5, 100.0))
-    # scenes whose captions the tiny model can read (a scene caption is longer than its 39 tokens)
-    monkeypatch.setattr(bench, "make_scene", lambda seed: SimpleNamespace(image=image_for(seed % 4),
-                                                                         caption=CAPTIONS[seed % 4]))
-    argv = ["--model", tiny_dir, "--full-size-dir", tiny_dir, "--repeats", "1", "--markdown", str(tmp_path / "b.md")]
-    results = bench.main(argv)
-    assert [m.label for m in results.models] == ["vit-gpt2 size (random)", Path(tiny_dir).name[-22:]]
-    command = "python -m captioner_train.bench " + " ".join(argv)
-    assert (tmp_path / "b.md").read_text() == report.markdown(command, bench.markdown_tables(results))
-    assert bench.text_report(results) in capsys.readouterr().out
 
 
 def test_a_forced_kernel_runs_every_product_of_the_decoding(random_tiny, monkeypatch):

@@ -1,0 +1,118 @@
+"""The two floors the bench sets the page's first answer against.
+
+- The **kernel floor** (`floor_seconds`): the anchor's encoder, each layer's cross-attention keys/values once, then
+  per decoding step one product of the beam rows by every other decoder weight, through the kernel
+  `captioner.kernels` chose. The least this project's own products could cost.
+- The **physical floor** (`physical_floor`): the same encoder, measured, plus the time the machine needs to read
+  every decoder weight once per step (`decoder_weight_bytes`) at the best read bandwidth it showed during the bench
+  (`ReadBandwidth`). No decoder reading these weights in fp32 on this machine can go faster.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from captioner import fastdecode, kernels
+
+SAMPLE_BYTES = 1 << 30  # 1 GiB: far beyond every cache, so a sum over it reads memory
+PASSES = 5  # sums per sample (~35 ms each on a fast machine); the best one counts
+FP32 = 4  # bytes per weight: the bench decodes in fp32
+
+
+class ReadBandwidth:
+    """The machine's read bandwidth, sampled now and then: each `sample()` times `passes` sums of one fp32 tensor of
+    `nbytes` and keeps the best pass. Bandwidth moves by 2x from minute to minute on a shared machine, so the bench
+    samples between its timed runs and takes the best sample as the machine's limit (`best_bandwidth`)."""
+
+    def __init__(self, nbytes: int | None = None, passes: int = PASSES):
+        self.data = torch.ones((nbytes or SAMPLE_BYTES) // FP32)  # allocated once; ones() touches every page
+        self.passes = passes
+        self.samples: list[float] = []  # bytes/s, the best pass of each sample
+
+    def sample(self) -> float:
+        """Time `passes` sums; append and return the best pass's bytes/s."""
+        nbytes, best = self.data.numel() * self.data.element_size(), 0.0
+        for _ in range(self.passes):
+            t = time.perf_counter()
+            self.data.sum()
+            best = max(best, nbytes / (time.perf_counter() - t))
+        self.samples.append(best)
+        return best
+
+
+def best_bandwidth(samples: list[float]) -> float:
+    """The machine's read limit in bytes/s: the best sample (a slower one only saw a busier machine)."""
+    if not samples:
+        raise ValueError("no bandwidth samples: call ReadBandwidth.sample() between the timed runs")
+    return max(samples)
+
+
+def is_cross_kv(name: str) -> bool:
+    """GPT-2's cross-attention key/value projection, which runs once per image, not once per step."""
+    return name.endswith("crossattention.c_attn")
+
+
+def decoder_weight_bytes(decoder: nn.Module, cross_kv: bool = True) -> int:
+    """Bytes of fp32 weights a decoding step reads: every nn.Linear / GPT-2 Conv1D weight of `decoder`, the LM head
+    included (tied to the token embedding, it is read whole every step; the embedding lookup reads one row and
+    is not counted). cross_kv=False leaves out the cross-attention key/value projection (`is_cross_kv`)."""
+    return sum(m.weight.numel() * FP32 for name, m in decoder.named_modules()
+               if isinstance(m, (nn.Linear, Conv1D)) and (cross_kv or not is_cross_kv(name)))
+
+
+def physical_floor(encoder: float, steps: int, bytes_per_step: int, bandwidth: float) -> float:
+    """Seconds: the encoder's measured seconds, then `steps` reads of `bytes_per_step` at `bandwidth` bytes/s."""
+    return encoder + steps * bytes_per_step / bandwidth
+
+
+@dataclass
+class Floor:
+    floor: float  # the kernel floor: median seconds, each weight through the kernel kernels.Kernels chose
+    linear: float  # ... through F.linear alone
+    encoder: float  # median seconds of the anchor's encoder alone (SDPA), part of every floor
+    steps: int  # decoding steps the floors stand for
+
+
+def floor_seconds(cap, anchor, image, rows: int, repeats: int, steps: int) -> Floor:
+    """The kernel floor: the anchor's encoder (SDPA, no attentions), the cross-attention keys and values once for
+    the image (any decoder with a cache computes them once), then `steps` steps that only multiply `rows` rows by
+    every other decoder weight once (LM head included), each weight through the kernel `captioner.kernels` chose
+    for it, and through `F.linear` alone. Medians in seconds, and the encoder's own median over every run."""
+    weights = [w for name, m in cap.model.decoder.named_modules() if not is_cross_kv(name)
+               for w in [kernels.weight(m)] if w is not None]
+    chosen_for = kernels.kernels_for(cap.model).choose
+    pixel_values = cap.pixel_values(image)
+    xs = {k: torch.randn(rows, k) for k in {w.shape[1] for w in weights}}
+    threads = torch.get_num_threads()
+    encoder = []
+
+    def run(chosen: bool) -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            hidden = anchor.encoder(pixel_values=pixel_values).last_hidden_state  # (1, N, D)
+            encoder.append(time.perf_counter() - t)
+            fastdecode.cross_keys_values(cap.model, hidden)
+            for _ in range(steps):
+                for w in weights:
+                    x = xs[w.shape[1]]
+                    kernels.product(chosen_for(w, rows) if chosen else "linear", x, w, threads)
+        return time.perf_counter() - t
+
+    run(True), run(False)  # warm-up (and the kernels' timing, if not done yet)
+    encoder.clear()
+    best, linear = [], []
+    for _ in range(repeats):
+        best.append(run(True))
+        linear.append(run(False))
+    return Floor(statistics.median(best), statistics.median(linear), statistics.median(encoder), steps)
+
+
+def steps_decoded(tokens: int, max_new_tokens: int) -> int:
+    """Decoding steps behind a caption of `tokens` tokens (cut before EOS): one per token, plus the step that chose
+    EOS when the caption ended before `max_new_tokens`."""
+    return min(tokens + 1, max_new_tokens)
