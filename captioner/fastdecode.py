@@ -81,8 +81,8 @@ class _GPT2Steps:
         self.hd = self.D // self.H
         self.cross, self.B = cross, cross[0][0].shape[0]  # per layer (K, V), each (B, H, N, hd)
         like = cross[0][0]
-        self.keys = [like.new_empty(max_rows, self.H, max_len, self.hd) for _ in self.gpt.h]  # (R, H, T, hd)
-        self.values = [like.new_empty(max_rows, self.H, max_len, self.hd) for _ in self.gpt.h]
+        L = len(self.gpt.h)
+        self.cache = like.new_empty(L, 2, max_rows, self.H, max_len, self.hd)  # (L, keys/values, R, H, T, hd)
         self.blocks = [(block, _norm(block.ln_1), _norm(block.ln_cross_attn), _norm(block.ln_2),
                         _activation(block.mlp.act)) for block in self.gpt.h]
         self.ln_f = _norm(self.gpt.ln_f)
@@ -94,14 +94,12 @@ class _GPT2Steps:
         R, t, H, hd, D, linear = ids.shape[0], self.t, self.H, self.hd, self.D, self.linear
         x = self.gpt.wte(ids) + self.gpt.wpe.weight[t]  # (R, D)
         probs = []
-        for (block, ln_1, ln_cross, ln_2, act), (ck, cv), kc, vc in zip(self.blocks, self.cross, self.keys,
-                                                                        self.values):
+        for (block, ln_1, ln_cross, ln_2, act), (ck, cv), cache in zip(self.blocks, self.cross, self.cache):
             attn = block.attn
-            q, k, v = linear(ln_1(x), attn.c_attn).split(D, dim=1)  # (R, D) each
-            kc[:R, :, t] = k.view(R, H, hd)
-            vc[:R, :, t] = v.view(R, H, hd)
-            a = F.scaled_dot_product_attention(q.view(R, H, 1, hd), kc[:R, :, :t + 1], vc[:R, :, :t + 1],
-                                               scale=attn.scaling)  # (R, H, 1, hd): the newest token sees all
+            qkv = linear(ln_1(x), attn.c_attn)  # (R, 3D): queries, keys, values
+            cache[:, :R, :, t] = qkv[:, D:].view(R, 2, H, hd).transpose(0, 1)  # (2, R, H, hd) into (2, R, H, T, hd)
+            a = F.scaled_dot_product_attention(qkv[:, :D].view(R, H, 1, hd), cache[0, :R, :, :t + 1],
+                                               cache[1, :R, :, :t + 1], scale=attn.scaling)  # (R, H, 1, hd)
             x = x + linear(a.reshape(R, D), attn.c_proj)
             cross = block.crossattention
             q = linear(ln_cross(x), cross.q_attn)  # (R, D)
@@ -124,8 +122,7 @@ class _GPT2Steps:
     def reorder(self, rows: torch.Tensor) -> None:
         """Row i of the cache becomes old row rows[i] (beams that survived, possibly duplicated)."""
         R, t = rows.shape[0], self.t
-        for cache in (*self.keys, *self.values):
-            cache[:R, :, :t] = cache[rows, :, :t]  # (R, H, t, hd); advanced indexing copies before the write
+        self.cache[:, :, :R, :, :t] = self.cache[:, :, rows, :, :t]  # advanced indexing copies before the write
 
 
 @torch.inference_mode()

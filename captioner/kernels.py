@@ -96,9 +96,11 @@ def bmm_split(x: torch.Tensor, w: torch.Tensor, threads: int) -> torch.Tensor:
     return out.t().contiguous()  # (M, N)
 
 
-def pack(w: torch.Tensor) -> torch.Tensor:
-    """w (N, K) fp32 in MKL's packed GEMM layout (an opaque tensor as large as w), for `packed_linear`."""
-    return torch.ops.mkl._mkl_reorder_linear_weight(w, 1)  # the layout does not depend on the row count
+def pack(w: torch.Tensor, rows: int) -> torch.Tensor:
+    """w (N, K) fp32 in MKL's packed GEMM layout for products with `rows` rows (an opaque tensor as large as w),
+    for `packed_linear`. Any row count can read it, but at the speed of the count it was packed for (1 row's
+    layout halves a 4-row product's speed)."""
+    return torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -107,15 +109,17 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, w: torch.Tensor, bias: 
 
 
 class _Plan:
-    """How one layer multiplies a given number of rows: a closure over its weight, valid while the weight is."""
+    """How one layer multiplies a given number of rows: a closure over its weight, valid while the weight is (a
+    layer without a float weight, called as it is, always)."""
     __slots__ = ("layer", "param", "version", "run")
 
-    def __init__(self, layer: nn.Module, run):
-        self.layer, self.param, self.run = layer, layer.weight, run
-        self.version = layer.weight._version
+    def __init__(self, layer: nn.Module, run, float_weight: bool = True):
+        self.layer, self.run = layer, run
+        self.param = layer.weight if float_weight else None
+        self.version = layer.weight._version if float_weight else 0
 
     def valid(self) -> bool:
-        return self.layer.weight is self.param and self.param._version == self.version
+        return self.param is None or self.layer.weight is self.param and self.param._version == self.version
 
 
 class Kernels:
@@ -136,7 +140,7 @@ class Kernels:
                 self.by_shape.setdefault(tuple(w.shape), []).append(w)
                 self._rank.setdefault(w.untyped_storage().data_ptr(), len(self._rank))
         self.chosen: dict[tuple[int, int, int, int], tuple[str, dict[str, float]]] = {}  # key -> (kernel, GB/s)
-        self.packs: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}  # w's address -> (w, its version, pack)
+        self.packs: dict[tuple[int, int], tuple] = {}  # (w's address, rows) -> (w, its version, packed copy)
         self.plans: dict[tuple, _Plan] = {}  # (layer, rows, threads, forced) -> plan
 
     def linear(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
@@ -150,12 +154,12 @@ class Kernels:
     def _plan(self, layer: nn.Module, rows: int) -> _Plan:
         w = weight(layer)
         if w is None:
-            return _Plan(layer, layer)
+            return _Plan(layer, layer, float_weight=False)
         kernel, bias = _forced or self.force or self.choose(w, rows), layer.bias
         if w.device.type != "cpu":
             kernel = "linear"
         if kernel == "packed":
-            p = self.pack(w)
+            p = self.pack(w, rows)
             return _Plan(layer, lambda x: packed_linear(x, p, w, bias))
         if kernel == "bmm":
             threads = torch.get_num_threads()
@@ -163,19 +167,19 @@ class Kernels:
                          .add_(bias))
         return _Plan(layer, lambda x: F.linear(x, w, bias))
 
-    def pack(self, w: torch.Tensor) -> torch.Tensor:
-        """`pack(w)`, made once per weight and kept while its values stay the same (the weight is held, so its
-        memory cannot be reused by another while the packed copy is kept)."""
-        key = w.untyped_storage().data_ptr()
+    def pack(self, w: torch.Tensor, rows: int) -> torch.Tensor:
+        """`pack(w, rows)`, made once per weight and row count and kept while the weight's values stay the same
+        (the weight is held, so its memory cannot be reused by another while the packed copy is kept)."""
+        key = (w.untyped_storage().data_ptr(), rows)
         kept = self.packs.get(key)
         if kept is None or kept[0].shape != w.shape or kept[1] != w._version:
-            kept = self.packs[key] = (w, w._version, pack(w))
+            kept = self.packs[key] = (w, w._version, pack(w, rows))
         return kept[2]
 
     def product(self, kernel: str, x: torch.Tensor, w: torch.Tensor, threads: int | None = None) -> torch.Tensor:
         """x (M, K) @ w (N, K)^T -> (M, N) by `kernel`, "packed" from the kept packed copy of w."""
         if _checked(kernel) == "packed":
-            return packed_linear(x, self.pack(w), w, None)
+            return packed_linear(x, self.pack(w, x.shape[0]), w, None)
         return product(kernel, x, w, threads)
 
     def choose(self, w: torch.Tensor, rows: int) -> str:
@@ -220,9 +224,9 @@ class Kernels:
             fastest = max(speed, key=speed.get)
             kernel = fastest if speed[fastest] > speed["linear"] / 0.95 else "linear"
             self.chosen[(*shape, rows, threads)] = (kernel, speed)
-            if kernel != "packed" and not any(k[:2] == shape and c == "packed" for k, (c, _) in self.chosen.items()):
+            if kernel != "packed":  # packed copies only where they are used
                 for w in ws:
-                    self.packs.pop(w.untyped_storage().data_ptr(), None)
+                    self.packs.pop((w.untyped_storage().data_ptr(), rows), None)
 
     def summary(self) -> list[str]:
         """One line per choice made so far: shape, rows, threads, kernel, and every candidate's GB/s."""
@@ -237,7 +241,7 @@ def product(kernel: str, x: torch.Tensor, w: torch.Tensor, threads: int | None =
     if _checked(kernel) == "linear":
         return F.linear(x, w)
     if kernel == "packed":
-        return packed_linear(x, pack(w), w, None)
+        return packed_linear(x, pack(w, x.shape[0]), w, None)
     return bmm_split(x, w, threads or torch.get_num_threads())
 
 

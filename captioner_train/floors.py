@@ -85,7 +85,7 @@ def floor_seconds(cap, anchor, image, rows: int, repeats: int, steps: int) -> Fl
     for it, and through `F.linear` alone. Medians in seconds, and the encoder's own median over every run."""
     weights = [w for name, m in cap.model.decoder.named_modules() if not is_cross_kv(name)
                for w in [kernels.weight(m)] if w is not None]
-    chosen_for = kernels.kernels_for(cap.model).choose
+    timed = kernels.kernels_for(cap.model)  # its products keep the packed copies the choice made
     pixel_values = cap.pixel_values(image)
     xs = {k: torch.randn(rows, k) for k in {w.shape[1] for w in weights}}
     threads = torch.get_num_threads()
@@ -100,7 +100,7 @@ def floor_seconds(cap, anchor, image, rows: int, repeats: int, steps: int) -> Fl
             for _ in range(steps):
                 for w in weights:
                     x = xs[w.shape[1]]
-                    kernels.product(chosen_for(w, rows) if chosen else "linear", x, w, threads)
+                    timed.product(timed.choose(w, rows) if chosen else "linear", x, w, threads)
         return time.perf_counter() - t
 
     run(True), run(False)  # warm-up (and the kernels' timing, if not done yet)
