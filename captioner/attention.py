@@ -19,12 +19,18 @@ def normalise(maps: np.ndarray) -> np.ndarray:
     return out.reshape(maps.shape).astype(np.float32)
 
 
-def _select(stacked: torch.Tensor, layers: list[int] | None, head: int | None) -> torch.Tensor:
-    """(L, H, ...) -> (...): mean over the chosen layers, then one head or the mean of all."""
-    L, H = stacked.shape[:2]
+def _layers(L: int, layers: list[int] | None) -> list[int]:
+    """The layer indices `layers` names among L (None: all), checked."""
     chosen = list(range(L)) if layers is None else layers
     if not chosen or any(not -L <= i < L for i in chosen):
         raise ValueError(f"layers must be indices in 0..{L - 1}, got {layers}.")
+    return chosen
+
+
+def _select(stacked: torch.Tensor, layers: list[int] | None, head: int | None) -> torch.Tensor:
+    """(L, H, ...) -> (...): mean over the chosen layers, then one head or the mean of all."""
+    L, H = stacked.shape[:2]
+    chosen = _layers(L, layers)
     if head is not None and not 0 <= head < H:
         raise ValueError(f"head must be in 0..{H - 1} (or None for the mean of all heads), got {head}.")
     picked = stacked[chosen].mean(0)  # (H, ...)
@@ -70,9 +76,12 @@ def patch_maps(rows: torch.Tensor, grid: tuple[int, int], prefix: int = 1) -> np
 
 def cls_map(encoder_attentions: tuple[torch.Tensor, ...], grid: tuple[int, int], layers=None, head=None,
             prefix: int = 1) -> np.ndarray:
-    """Where the ViT's CLS token looks, (gh, gw) in [0, 1]: last layer by default, mean over heads, patch keys."""
-    stacked = torch.stack([a[0] for a in encoder_attentions]).float()  # (L, H, N, N)
-    row = _select(stacked, [-1] if layers is None else layers, head)[0]  # (N,): the CLS query
+    """Where the ViT's CLS token looks, (gh, gw) in [0, 1]: last layer by default, mean over heads, patch keys.
+    Reads only the chosen layers of `encoder_attentions`, so lazy weights (`encoding.EncoderAttentions`) of the
+    others are never computed."""
+    chosen = _layers(len(encoder_attentions), [-1] if layers is None else layers)
+    stacked = torch.stack([encoder_attentions[i][0] for i in chosen]).float()  # (len(chosen), H, N, N)
+    row = _select(stacked, None, head)[0]  # (N,): the CLS query
     return normalise(patch_maps(row, grid, prefix))
 
 

@@ -6,9 +6,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
-from transformers.modeling_outputs import BaseModelOutput
 
-from . import attention
+from . import attention, encoding
 from .decoding import Decoded, GenerationSettings, generate_batch, generate_ids
 from .forcing import forced
 from .images import to_rgb
@@ -88,8 +87,10 @@ class MapChoice:
 
 class Captioner:
     """A VisionEncoderDecoderModel with its tokenizer and image processor, loaded with eager attention so that
-    attention weights exist (transformers 5's SDPA path returns none). GPT-2's Conv1D weights are laid out
-    (out, in) in memory, in place (same shape, values and state_dict): the layout `kernels` reads fastest."""
+    attention weights exist (transformers 5's SDPA path returns none); the encoder then gets `encoding`'s attention,
+    which runs SDPA in the pipeline's encoder passes and computes a layer's weights only when a map reads it.
+    GPT-2's Conv1D weights are laid out (out, in) in memory, in place (same shape, values and state_dict): the
+    layout `kernels` reads fastest."""
 
     def __init__(self, model, tokenizer, processor, name: str, scenes_only: tuple[int, int] | None = None,
                  photo_model: str = ""):
@@ -99,6 +100,7 @@ class Captioner:
         self.model, self.tokenizer, self.processor, self.name = model.eval(), tokenizer, processor, name
         self.scenes_only, self.photo_model = scenes_only, photo_model
         conv1d_out_in(model.decoder)
+        encoding.record_encoder(model)
         self.device = next(model.parameters()).device
         self.layout = encoder_layout(model, processor)  # patch grid, prefix tokens, CLS or not, windowed or not
         self.grid = self.layout.grid  # (gh, gw)
@@ -145,10 +147,10 @@ class Captioner:
 
     @torch.no_grad()
     def _encode(self, image):
-        """-> (rgb (H, W, 3) uint8, encoder output with attentions (1, H, N, N) per layer); the one conversion of
-        `image` to RGB a call makes."""
+        """-> (rgb (H, W, 3) uint8, encoder output with attentions (1, H, N, N) per layer, each computed when read);
+        the one conversion of `image` to RGB a call makes."""
         rgb = to_rgb(image)
-        return rgb, self.model.encoder(pixel_values=self._pixels([rgb]), output_attentions=not self.layout.windowed)
+        return rgb, encoding.encode(self.model.encoder, self._pixels([rgb]), weights=not self.layout.windowed)
 
     def _maps(self, enc, spelling: Spelling, how: MapChoice, decoded: Decoded | None = None) -> Maps:
         """Maps by `method` for caption tokens `ids`. decoded: what decoding recorded for these tokens; its
@@ -279,15 +281,14 @@ class Captioner:
         t = time.perf_counter()
         rgbs = [to_rgb(image) for image in images]
         pixel_values = self._pixels(rgbs)  # (B, 3, h, w)
-        enc = self.model.encoder(pixel_values=pixel_values, output_attentions=not self.layout.windowed)
+        enc = encoding.encode(self.model.encoder, pixel_values, weights=not self.layout.windowed)
         encode = (time.perf_counter() - t) / len(rgbs)
         t = time.perf_counter()
         batch = generate_batch(self.model, enc.last_hidden_state, settings, self.eos_token_id, self.fast_decoding)
         generate = (time.perf_counter() - t) / len(rgbs)
         results = []
         for i, (rgb, decoded) in enumerate(zip(rgbs, batch)):
-            one = BaseModelOutput(last_hidden_state=enc.last_hidden_state[i:i + 1],
-                                  attentions=enc.attentions and tuple(a[i:i + 1] for a in enc.attentions))
+            one = encoding.one_image(enc, i)
             _, words, groups = group_generated(self.tokenizer, decoded.ids)
             notes = [] if words else [EMPTY_CAPTION]
             results.append(self._mapped(rgb, one, Spelling(decoded.ids, words, groups),

@@ -194,6 +194,22 @@ def test_both_kernels_compute_the_layer(random_tiny, threads, rows):
         torch.set_num_threads(saved)
 
 
+def test_a_plan_follows_its_layers_weight_when_it_changes(random_tiny):
+    """A product's plan (weight, bias, packed copy) is rebuilt when its layer's weight is changed in place or
+    replaced, so a model whose weights are edited after decoding never decodes with the old ones."""
+    decoder = copy.deepcopy(random_tiny.model.decoder)
+    layer = decoder.transformer.h[0].mlp.c_fc  # a re-laid Conv1D
+    for kernel in kernels.available():
+        timed = kernels.Kernels(decoder, force=kernel)
+        x = torch.randn(4, kernels.weight(layer).shape[1], device=random_tiny.device, dtype=random_tiny.model.dtype)
+        timed.linear(x, layer)  # the plan is made
+        with torch.no_grad():
+            layer.weight.mul_(2)  # in place
+        assert torch.allclose(timed.linear(x, layer), layer(x), atol=atol(random_tiny)), kernel
+        layer.weight = torch.nn.Parameter(layer.weight.detach().t().contiguous().t() * 0.5)  # replaced
+        assert torch.allclose(timed.linear(x, layer), layer(x), atol=atol(random_tiny)), kernel
+
+
 def test_kernels_are_chosen_by_timing_and_decode_the_same(random_eos):
     """The timed choice records both candidates' speeds; forcing either kernel decodes the same tokens and maps."""
     timed = kernels.Kernels(random_eos.model.decoder)
@@ -261,11 +277,12 @@ def test_a_decoder_that_is_not_gpt2_decodes_through_generate(tmp_path):
         assert res.word_maps.shape == (len(res.words), *cap.grid) and np.isfinite(res.word_maps).all()
 
 
-def test_caption_batch_equals_caption(tiny, kernel):
+@pytest.mark.parametrize("method", ["attention", None])  # attention: the rows beam search recorded per image
+def test_caption_batch_equals_caption(tiny, kernel, method):
     images = [image_for(k) for k in range(len(CAPTIONS))]
-    batch = tiny.caption_batch(images, max_new_tokens=40, num_beams=3)
+    batch = tiny.caption_batch(images, max_new_tokens=40, num_beams=3, method=method)
     for image, res in zip(images, batch):
-        one = tiny.caption(image, max_new_tokens=40, num_beams=3)
+        one = tiny.caption(image, max_new_tokens=40, num_beams=3, method=method)
         assert res.token_ids == one.token_ids and res.words == one.words
         assert np.allclose(res.word_maps, one.word_maps, atol=atol(tiny))
         assert np.allclose(res.cls_map, one.cls_map, atol=atol(tiny))
