@@ -79,7 +79,9 @@ class _GPT2Steps:
         self.linear = kernels_for(model).linear
         self.H, self.D = dec.config.n_head, dec.config.n_embd
         self.hd = self.D // self.H
-        self.cross, self.B = cross, cross[0][0].shape[0]  # per layer (K, V), each (B, H, N, hd)
+        # per layer K^T (B, H, hd, N) and V (B, H, N, hd), contiguous: batched products copy strided operands
+        self.cross = [(k.transpose(-1, -2).contiguous(), v.contiguous()) for k, v in cross]
+        self.B = cross[0][0].shape[0]
         like = cross[0][0]
         L = len(self.gpt.h)
         self.cache = like.new_empty(L, 2, max_rows, self.H, max_len, self.hd)  # (L, keys/values, R, H, T, hd)
@@ -94,7 +96,7 @@ class _GPT2Steps:
         R, t, H, hd, D, linear = ids.shape[0], self.t, self.H, self.hd, self.D, self.linear
         x = self.gpt.wte(ids) + self.gpt.wpe.weight[t]  # (R, D)
         probs = []
-        for (block, ln_1, ln_cross, ln_2, act), (ck, cv), cache in zip(self.blocks, self.cross, self.cache):
+        for (block, ln_1, ln_cross, ln_2, act), (ckt, cv), cache in zip(self.blocks, self.cross, self.cache):
             attn = block.attn
             qkv = linear(ln_1(x), attn.c_attn)  # (R, 3D): queries, keys, values
             cache[:, :R, :, t] = qkv[:, D:].view(R, 2, H, hd).transpose(0, 1)  # (2, R, H, hd) into (2, R, H, T, hd)
@@ -104,7 +106,7 @@ class _GPT2Steps:
             cross = block.crossattention
             q = linear(ln_cross(x), cross.q_attn)  # (R, D)
             q = q.view(self.B, R // self.B, H, hd).transpose(1, 2)  # (B, H, R/B, hd): an image's beams as queries
-            p = (q @ ck.transpose(-1, -2) * cross.scaling).softmax(-1).to(cv.dtype)  # (B, H, R/B, N), as eager
+            p = (q @ ckt * cross.scaling).softmax(-1).to(cv.dtype)  # (B, H, R/B, N), as eager
             probs.append(p)
             x = x + linear((p @ cv).transpose(1, 2).reshape(R, D), cross.c_proj)  # (B, H, R/B, hd) -> (R, D)
             mlp = block.mlp
