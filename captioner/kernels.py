@@ -35,6 +35,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 KERNELS = ("linear", "packed", "bmm")
+FEW = 8  # up to this many rows (a decoding step's beams), each row count is timed and packed for on its own
 _forced: str | None = None  # set by `forced`: the kernel of every product in this process
 
 
@@ -81,7 +82,8 @@ def conv1d_out_in(model: nn.Module) -> nn.Module:
 def weight(layer: nn.Module) -> torch.Tensor | None:
     """The float weight (out, in), contiguous, of an nn.Linear or a re-laid Conv1D; None for anything else (int8
     or bf16 layers, a Conv1D still stored (in, out)), which is then simply called."""
-    w = layer.weight if type(layer) is nn.Linear else layer.weight.t() if type(layer) is Conv1D else None
+    w = layer.weight if type(layer) in (nn.Linear, RoutedLinear) else layer.weight.t() if type(layer) is Conv1D \
+        else None
     return w if w is not None and w.dtype == torch.float32 and w.is_contiguous() else None
 
 
@@ -106,6 +108,12 @@ def pack(w: torch.Tensor, rows: int) -> torch.Tensor:
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, w, bias) for x (M, K) with w read from `pack(w)`: (M, N)."""
     return torch.ops.mkl._mkl_linear(x, packed, w, bias, x.shape[0])
+
+
+def rows_class(rows: int) -> int:
+    """The row count a choice and a packed copy stand for: itself up to `FEW`; above, one class for all (an
+    encoder's patches, batches of them: every such product is bound by arithmetic, not by reading the weight)."""
+    return rows if rows <= FEW else FEW + 1
 
 
 class _Plan:
@@ -144,10 +152,12 @@ class Kernels:
         self.plans: dict[tuple, _Plan] = {}  # (layer, rows, threads, forced) -> plan
 
     def linear(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-        """layer(x) for a few rows x (M, K) -> (M, N), by the kernel chosen for this shape and M."""
+        """layer(x) for rows x (M, K) -> (M, N), by the kernel chosen for this shape and M."""
         key = (layer, x.shape[0], torch.get_num_threads(), _forced)
         plan = self.plans.get(key)
         if plan is None or not plan.valid():
+            if len(self.plans) > 4096:  # row counts seen in batches of every size: keep the plans bounded
+                self.plans.clear()
             plan = self.plans[key] = self._plan(layer, x.shape[0])
         return plan.run(x)
 
@@ -170,7 +180,7 @@ class Kernels:
     def pack(self, w: torch.Tensor, rows: int) -> torch.Tensor:
         """`pack(w, rows)`, made once per weight and row count and kept while the weight's values stay the same
         (the weight is held, so its memory cannot be reused by another while the packed copy is kept)."""
-        key = (w.untyped_storage().data_ptr(), rows)
+        key = (w.untyped_storage().data_ptr(), rows_class(rows))
         kept = self.packs.get(key)
         if kept is None or kept[0].shape != w.shape or kept[1] != w._version:
             kept = self.packs[key] = (w, w._version, pack(w, rows))
@@ -186,7 +196,7 @@ class Kernels:
         """The kernel timed fastest for weight w (N, K) times `rows` rows on this machine (timed on first use)."""
         if w.device.type != "cpu":
             return "linear"
-        key = (*w.shape, rows, torch.get_num_threads())
+        key = (*w.shape, rows_class(rows), torch.get_num_threads())
         if key not in self.chosen:
             self._time(rows)
         if key not in self.chosen:  # a weight that is not the model's
@@ -201,6 +211,8 @@ class Kernels:
         cache as large as the model), and each product is timed on its own; best of 3 passes per candidate,
         alternating. Packed copies are kept only for the shapes where "packed" won."""
         threads, candidates = torch.get_num_threads(), available()
+        if rows > FEW:  # the bmm split is for a few rows: one block per thread leaves no room for more
+            candidates = tuple(name for name in candidates if name != "bmm")
         order = [w for ws in self.by_shape.values() for w in ws]
         order.sort(key=lambda w: self._rank[w.untyped_storage().data_ptr()])
         xs = {k: torch.randn(rows, k) for k in {w.shape[1] for w in order}}
@@ -209,7 +221,7 @@ class Kernels:
             for name in candidates:  # warm-up (and the packed copies)
                 for w in order:
                     self.product(name, xs[w.shape[1]], w, threads)
-            for _ in range(3):
+            for _ in range(3 if rows <= FEW else 2):  # many rows: each pass takes a good part of a second
                 for name in candidates:
                     spent = dict.fromkeys(self.by_shape, 0.0)
                     for w in order:
@@ -223,14 +235,14 @@ class Kernels:
             speed = {name: nbytes / best[shape, name] / 1e9 for name in candidates}  # GB/s
             fastest = max(speed, key=speed.get)
             kernel = fastest if speed[fastest] > speed["linear"] / 0.95 else "linear"
-            self.chosen[(*shape, rows, threads)] = (kernel, speed)
+            self.chosen[(*shape, rows_class(rows), threads)] = (kernel, speed)
             if kernel != "packed":  # packed copies only where they are used
                 for w in ws:
-                    self.packs.pop((w.untyped_storage().data_ptr(), rows), None)
+                    self.packs.pop((w.untyped_storage().data_ptr(), rows_class(rows)), None)
 
     def summary(self) -> list[str]:
         """One line per choice made so far: shape, rows, threads, kernel, and every candidate's GB/s."""
-        return [f"{n}x{k} weight, {m} row{'s' if m > 1 else ''}, {t} threads: {kernel} "
+        return [f"{n}x{k} weight, {m if m <= FEW else f'over {FEW}'} row{'s' if m > 1 else ''}, {t} threads: {kernel} "
                 f"({', '.join(f'{name} {v:.1f} GB/s' for name, v in speed.items())})"
                 for (n, k, m, t), (kernel, speed) in sorted(self.chosen.items())]
 
@@ -245,6 +257,32 @@ def product(kernel: str, x: torch.Tensor, w: torch.Tensor, threads: int | None =
     return bmm_split(x, w, threads or torch.get_num_threads())
 
 
+class RoutedLinear(nn.Linear):
+    """An nn.Linear (same parameters, state_dict and function) whose products, when no gradient is recorded and on
+    the CPU, go through the `Kernels` of the module it was `route`d in."""
+    _kernels: weakref.ref  # -> Kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        timed = self._kernels() if not torch.is_grad_enabled() and x.device.type == "cpu" else None
+        if timed is None or weight(self) is None:
+            return F.linear(x, self.weight, self.bias)
+        return timed.linear(x.reshape(-1, x.shape[-1]), self).view(*x.shape[:-1], -1)  # (..., K) -> (..., N)
+
+
+def route(module: nn.Module) -> Kernels:
+    """Make every fp32 nn.Linear in `module` (an image encoder: its products multiply every patch, so packing the
+    weight once, not on every call, saves the GEMM's own packing) a `RoutedLinear` of one `Kernels` made for
+    `module`, in place; returns that Kernels (kept with the module)."""
+    timed = Kernels(module)
+    for m in module.modules():
+        if type(m) is nn.Linear and weight(m) is not None:
+            m.__class__ = RoutedLinear
+            m._kernels = weakref.ref(timed)
+    _ROUTED[module] = timed
+    return timed
+
+
+_ROUTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # routed module -> its Kernels
 _KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its Kernels
 
 

@@ -11,7 +11,7 @@ from . import attention, encoding
 from .decoding import Decoded, GenerationSettings, generate_batch, generate_ids
 from .forcing import forced
 from .images import to_rgb
-from .kernels import conv1d_out_in
+from .kernels import conv1d_out_in, route
 from .maps import Maps, attention_maps, relevance_maps, rollout_maps
 from .layout import FULL_VIEW, encoder_layout, image_view
 from .words import group_generated, group_typed
@@ -100,6 +100,7 @@ class Captioner:
         self.model, self.tokenizer, self.processor, self.name = model.eval(), tokenizer, processor, name
         self.scenes_only, self.photo_model = scenes_only, photo_model
         conv1d_out_in(model.decoder)
+        route(model.encoder)  # the encoder's products through kernels chosen by timing, packed where that wins
         encoding.record_encoder(model)
         self.device = next(model.parameters()).device
         self.layout = encoder_layout(model, processor)  # patch grid, prefix tokens, CLS or not, windowed or not

@@ -8,10 +8,11 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import VisionEncoderDecoderModel
 
 import captioner
-from captioner import decoding, kernels
+from captioner import decoding, fastdecode, kernels
 from captioner.decoding import GenerationSettings, generate_batch, generate_ids
 from captioner.kernels import conv1d_out_in
 from captioner.quantize import conv1d_to_linear
@@ -192,6 +193,44 @@ def test_both_kernels_compute_the_layer(random_tiny, threads, rows):
                 assert got.shape == want.shape and torch.allclose(got, want, atol=atol(random_tiny)), kernel
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("V", [5, 300, 50257])
+def test_beam_topk_equals_torch_topk_over_the_flattened_beams(V):
+    """The loop's two-stage top-k (each beam's best first) gives torch.topk's values and indices, ties included:
+    beams that start at -1e9 (whose scores tie in fp32), whole rows of equal scores, a vocabulary smaller than k."""
+    g = torch.Generator().manual_seed(V)
+    cases = [torch.randn(2, 4, V, generator=g)]
+    start = torch.randn(2, 1, V, generator=g).expand(2, 4, V) + torch.tensor([0.0, -1e9, -1e9, -1e9])[:, None]
+    cases += [start.contiguous(), torch.zeros(2, 4, V), torch.randn(2, 4, V, generator=g).round()]
+    for scores in cases:
+        want = torch.topk(scores.reshape(2, 4 * V), 8)
+        got = fastdecode._topk(scores, 8)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_the_routed_encoder_computes_what_the_stock_encoder_does(tiny, tiny_dir, kernel):
+    """Captioner routes the encoder's Linear layers through the kernels (packed where timing says so): same
+    parameters and state_dict, the stock encoder's output under every kernel, plain F.linear (with gradients) when
+    gradients are recorded, and a copy in another dtype still runs (its weights are no kernel's: F.linear)."""
+    stock = VisionEncoderDecoderModel.from_pretrained(tiny_dir).eval().to(tiny.device, tiny.model.dtype).encoder
+    routed = tiny.model.encoder
+    assert any(type(m) is kernels.RoutedLinear for m in routed.modules())
+    assert not any(type(m) is kernels.RoutedLinear for m in tiny.model.decoder.modules())
+    a, b = stock.state_dict(), routed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    pixels = _pixels(tiny, [image_for(0), image_for(1)])  # a batch: (2 * N) rows per product
+    with torch.no_grad():
+        want, got = stock(pixel_values=pixels).last_hidden_state, routed(pixel_values=pixels).last_hidden_state
+    assert torch.allclose(got, want, atol=atol(tiny, 1e-5))
+    layer = next(m for m in routed.modules() if type(m) is kernels.RoutedLinear)
+    x = torch.randn(3, 5, layer.in_features, device=tiny.device, dtype=tiny.model.dtype, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()  # recorded: F.linear, whose gradient is right
+    assert torch.allclose(x.grad, layer.weight.sum(0).expand_as(x), atol=atol(tiny, 1e-5))
+    other = copy.deepcopy(layer).to(torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(other(x.detach().double()), F.linear(x.detach().double(), other.weight, other.bias))
 
 
 def test_a_plan_follows_its_layers_weight_when_it_changes(random_tiny):
