@@ -460,16 +460,20 @@ def _floor_tables(bench: Bench) -> list[tuple[str, str]]:
     """The first answer against both floors, and what the physical floor is made of."""
     best, gb = floors.best_bandwidth(bench.bandwidth) / 1e9, [b / 1e9 for b in bench.bandwidth]
     return [(
-        "The first answer against the floors, in seconds. Kernel floor as above; physical floor is the encoder (the "
-        "anchor's SDPA encoder, measured, median) plus steps x the decoder's fp32 weight bytes per step / the best "
-        "read bandwidth (both below); steps are the decoding steps of the timed caption, the step that chose EOS "
-        "included (both floors use them); the ratios are over the physical floor; encoder share is the encoder's "
-        "part of the physical floor; same: whether the first answer's tokens equal `generate`'s.",
+        "The first answer against the floors, in seconds. Kernel floor as above; physical floor is the encoder "
+        "(measured: per run the faster of the anchor's, transformers' SDPA, and the project's, SDPA with its "
+        "products through the timed kernels; median; both encoders' own medians follow) plus steps x the decoder's "
+        "fp32 weight bytes per step / the best read bandwidth (both below); steps are the decoding steps of the "
+        "timed caption, the step that chose EOS included (both floors use them); the ratios are over the physical "
+        "floor; encoder share is the encoder's part of the physical floor; same: whether the first answer's tokens "
+        "equal `generate`'s.",
         _table(["model", "mode", "first answer (s)", "kernel floor (s)", "physical floor (s)",
-                "first answer / physical", "kernel floor / physical", "encoder (s)", "encoder share", "steps", "same"],
+                "first answer / physical", "kernel floor / physical", "encoder (s)", "encoder share",
+                "stock encoder (s)", "own encoder (s)", "steps", "same"],
                [[m.label, row.mode, f"{row.comparison.ours:.3f}", f"{row.floor.floor:.3f}", f"{p:.3f}",
                  f"{row.comparison.ours / p:.2f}x", f"{row.floor.floor / p:.2f}x", f"{row.floor.encoder:.3f}",
-                 f"{row.floor.encoder / p:.0%}", str(row.floor.steps), "yes" if row.comparison.same else "NO"]
+                 f"{row.floor.encoder / p:.0%}", f"{row.floor.stock_encoder:.3f}", f"{row.floor.own_encoder:.3f}",
+                 str(row.floor.steps), "yes" if row.comparison.same else "NO"]
                 for m in bench.models for row in m.decoding for p in [physical(bench, m, row)]])), (
         f"The physical floor's inputs. Read bandwidth: `t.sum()` over a 1 GiB fp32 tensor, sampled before each timed "
         f"round of the decoding comparisons, each sample the best of {bench.passes} passes; the best sample is the "

@@ -77,18 +77,21 @@ def test_bench_figures_and_the_markdown_tables_written_from_them(tiny, tiny_dir,
     assert text.splitlines()[0] == report.header(command)
     rows = report.table_rows(text)
     assert ["model", "mode", "first answer (s)", "kernel floor (s)", "physical floor (s)", "first answer / physical",
-            "kernel floor / physical", "encoder (s)", "encoder share", "steps", "same"] in rows
+            "kernel floor / physical", "encoder (s)", "encoder share", "stock encoder (s)", "own encoder (s)", "steps",
+            "same"] in rows
     for row in figures.decoding:
         c, f = row.comparison, row.floor
         assert f.steps == c.tokens + 1 < bench.NEW_TOKENS, "the tiny captions end by EOS: their steps, EOS's too"
-        assert 0 < f.encoder < f.floor
+        assert 0 < f.encoder < f.floor and f.encoder <= max(f.stock_encoder, f.own_encoder)
+        assert min(f.stock_encoder, f.own_encoder) > 0, "both encoders are timed; the floors take the faster"
         assert ["tiny", row.mode, f"{c.plain:.3f}", f"{c.ours:.3f}", f"{c.plain / c.ours:.2f}x", "yes",
                 f"{f.floor:.3f}", f"{c.ours / f.floor:.2f}x", f"{f.linear:.3f}", f"{c.full:.3f}", str(c.tokens),
                 str(c.words)] in rows
         assert c.full > 0, "the default map's time is measured"
         p = f.encoder + f.steps * 4 * weights / 5e9
         assert ["tiny", row.mode, f"{c.ours:.3f}", f"{f.floor:.3f}", f"{p:.3f}", f"{c.ours / p:.2f}x",
-                f"{f.floor / p:.2f}x", f"{f.encoder:.3f}", f"{f.encoder / p:.0%}", str(f.steps), "yes"] in rows
+                f"{f.floor / p:.2f}x", f"{f.encoder:.3f}", f"{f.encoder / p:.0%}", f"{f.stock_encoder:.3f}",
+                f"{f.own_encoder:.3f}", str(f.steps), "yes"] in rows
     assert ["tiny", f"{4 * weights / 1e6:.1f}", f"{4 * (weights - cross_kv) / 1e6:.1f}", "5.0", "2.0-5.0",
             "3"] in rows
     k = figures.check

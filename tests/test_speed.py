@@ -182,17 +182,35 @@ def test_both_kernels_compute_the_layer(random_tiny, threads, rows):
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        layers = [m for m in random_tiny.model.decoder.modules() if kernels.weight(m) is not None]
+        decoder = copy.deepcopy(random_tiny.model.decoder)
+        layers = [m for m in decoder.modules() if kernels.weight(m) is not None]
         assert any(kernels.weight(m).shape[0] % threads for m in layers) == (threads in (3, 7))
+        with torch.no_grad():  # GPT-2 starts with zero biases: give them values a dropped bias would miss
+            for m in layers:
+                if m.bias is not None:
+                    m.bias.normal_()
         for layer in layers:
             x = torch.randn(rows, kernels.weight(layer).shape[1], device=random_tiny.device,
                             dtype=random_tiny.model.dtype)
             want = layer(x)  # the module's own forward (Conv1D: x @ W + b)
             for kernel in kernels.available():
-                got = kernels.Kernels(random_tiny.model.decoder, force=kernel).linear(x, layer)
+                got = kernels.Kernels(decoder, force=kernel).linear(x, layer)
                 assert got.shape == want.shape and torch.allclose(got, want, atol=atol(random_tiny)), kernel
     finally:
         torch.set_num_threads(saved)
+
+
+def test_each_decoding_step_gives_the_models_own_logits(tiny, kernel):
+    """The loop's step (its own layer norms, attention, GELU and products) against the model's forward over the same
+    tokens: every position's logits, on the trained tiny model."""
+    pixels = _pixels(tiny, [image_for(2)])
+    with torch.inference_mode():
+        hidden = tiny.model.encoder(pixel_values=pixels).last_hidden_state  # (1, N, D)
+        ids = torch.tensor([[tiny.start_token_id, 5, 9, 7, 3]], device=tiny.device)
+        want = tiny.model(encoder_outputs=(hidden,), decoder_input_ids=ids).logits[0].float()  # (T, V)
+        steps = fastdecode._GPT2Steps(tiny.model, fastdecode.cross_keys_values(tiny.model, hidden), 1, ids.shape[1])
+        got = torch.cat([steps.step(ids[:, t]) for t in range(ids.shape[1])])  # (T, V)
+    assert torch.allclose(got, want, atol=atol(tiny, 1e-5), rtol=0), (got - want).abs().max()
 
 
 @pytest.mark.parametrize("V", [5, 300, 50257])
