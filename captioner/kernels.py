@@ -138,12 +138,12 @@ class Kernels:
     beat `F.linear` by 5 % to replace it. GPUs use `F.linear`. force (a kernel name, or $CAPTIONER_KERNEL) skips the timing; `forced` overrides both.
     """
 
-    def __init__(self, model: nn.Module, force: str | None = None):
+    def __init__(self, model: nn.Module, force: str | None = None, skip=lambda name: False):
         self.force = _checked(force or os.environ.get("CAPTIONER_KERNEL") or None)
         self.by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}  # (N, K) -> the weights of that shape
         self._rank: dict[int, int] = {}  # a weight's address -> its place in the model's order
-        for module in model.modules():
-            w = weight(module)
+        for name, module in model.named_modules():
+            w = None if skip(name) else weight(module)
             if w is not None:
                 self.by_shape.setdefault(tuple(w.shape), []).append(w)
                 self._rank.setdefault(w.untyped_storage().data_ptr(), len(self._rank))
@@ -288,6 +288,7 @@ _KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> it
 
 def kernels_for(model: nn.Module) -> Kernels:
     """The model's `Kernels`, made once per model (its timings and packed weights are kept with it)."""
-    if model not in _KERNELS:
-        _KERNELS[model] = Kernels(model.decoder if hasattr(model, "decoder") else model)
+    if model not in _KERNELS:  # GPT-2's cross-attention K/V projections run once per image, not in a step
+        _KERNELS[model] = Kernels(model.decoder if hasattr(model, "decoder") else model,
+                                  skip=lambda name: name.endswith("crossattention.c_attn"))
     return _KERNELS[model]
