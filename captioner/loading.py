@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .pipeline import Captioner
-from .precision import PRECISIONS, reduce_decoder
+from .precision import reduce_decoder
 from .precision import checked as checked_precision
 
 HUB_MODEL = "nlpconnect/vit-gpt2-image-captioning"
@@ -104,8 +104,6 @@ def load(name_or_path: str | None = None, device: str | None = None, int8: bool 
     kwargs = {} if local or _hub_reachable() else {"local_files_only": True}
     if precision is None:
         precision = "fp32" if int8 else default_precision()
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     if int8 and precision != "fp32":
         raise ValueError(f"int8=True (dynamic quantisation of every layer) and precision={precision!r} exclude "
                          "each other: pass one of them.")

@@ -94,15 +94,17 @@ def test_own_loop_equals_generate_on_the_same_reduced_model(tiny_dir, name):
 
 
 @BF16
-def test_bf16_keeps_relevance_maps_close_to_fp32(tiny, tiny_dir):
+def test_bf16_keeps_relevance_maps_close_to_fp32(tiny, tiny_dir, monkeypatch):
     """bf16 layers are differentiable: relevance stays the default and maps nearly what fp32 maps (relevance
-    amplifies bf16's rounding: on the tiny model a word's map correlates 0.88-0.99 with fp32's, 0.03 apart on
-    average)."""
+    amplifies bf16's rounding: on the tiny model a word's map correlates 0.88-0.99 with fp32's, 0.01-0.07 apart on
+    average). The packed product wherever it may run, so that relevance must avoid it (it has no backward)."""
+    monkeypatch.setattr(precision, "packed_wins", lambda w, rows: True)
     cap = captioner.load(tiny_dir, precision="bf16")
     assert cap.default_method == "relevance"
-    want, got = tiny.explain(image_for(0), CAPTIONS[0]), cap.explain(image_for(0), CAPTIONS[0])
-    assert got.method == "relevance" and np.abs(got.word_maps - want.word_maps).mean() < 0.06
-    assert min(np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(want.word_maps, got.word_maps)) > 0.8
+    for text in (CAPTIONS[0], "a dog riding"):  # over and under PACK_ROWS tokens
+        want, got = tiny.explain(image_for(0), text), cap.explain(image_for(0), text)
+        assert got.method == "relevance" and np.abs(got.word_maps - want.word_maps).mean() < 0.1, text
+        assert min(np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(want.word_maps, got.word_maps)) > 0.8
 
 
 def test_int8_weights_default_to_attention_maps_and_refuse_relevance(tiny_dir):
