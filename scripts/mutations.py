@@ -429,4 +429,11 @@ MUTATIONS: list[Mutation] = [
     Mutation("int8 weight-only layers taken for differentiable", "captioner/pipeline.py",
              ' or isinstance(m, Int8Linear) for m in', " for m in",
              (T_PREC + "test_int8_weights_default_to_attention_maps_and_refuse_relevance",)),
+    Mutation("precision table's speed-up upside down", "captioner_train/bench.py",
+             '[f"{q.fp32:.3f}", f"{q.reduced:.3f}", f"{q.fp32 / q.reduced:.2f}x",',
+             '[f"{q.fp32:.3f}", f"{q.reduced:.3f}", f"{q.reduced / q.fp32:.2f}x",',
+             (T_BENCH + "test_bench_figures_and_the_markdown_tables_written_from_them",)),
+    Mutation("an option this machine refuses is left out of the bench", "captioner_train/bench.py",
+             "            rows.append(PrecisionFigures(option, refused=str(e)))\n", "",
+             (T_PREC + "test_the_bench_lists_a_refused_option_with_the_reason",)),
 ]

@@ -145,3 +145,12 @@ def test_a_precision_this_machine_cannot_run_is_refused_with_what_to_use(tiny_di
         captioner.load(tiny_dir, precision="bf16")
     layer = captioner.load(tiny_dir, precision="int8").model.decoder.lm_head
     assert layer.act_dtype == torch.float32, "int8 weights meet fp32 activations on a CPU without BF16"
+
+
+def test_the_bench_lists_a_refused_option_with_the_reason(tiny, tiny_dir, monkeypatch):
+    """On a CPU without BF16 instructions the bench's precision table names bf16 with load's reason."""
+    from captioner_train import bench
+    monkeypatch.setattr(precision, "bf16_supported", lambda: False)
+    monkeypatch.setattr(bench, "PRECISIONS", (("bf16", {"precision": "bf16"}),))
+    (row,) = bench._precisions(tiny_dir, tiny, [image_for(0)])
+    assert row.option == "bf16" and "BF16 instructions" in row.refused and row.n == 0
