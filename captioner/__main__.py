@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--beams", type=int, default=4, help="beam width; 1 for greedy (default 4)")
     c.add_argument("--max-new-tokens", type=int, help="caption length limit (default: the model's)")
     c.add_argument("--int8", action="store_true", help="int8 dynamic quantisation (CPU): faster, words mostly same")
+    c.add_argument("--precision", choices=("fp32", "bf16", "int8"),
+                   help="decoder weights on a CPU: bf16, or int8 weight-only (default: $CAPTIONER_PRECISION or fp32)")
     c.add_argument("--device", help="cpu or cuda (default: cuda when present; under torchrun one GPU per process)")
     c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ranks, device = distributed.start(args.device)
     try:
-        cap = captioner.load(args.model, device=device, int8=args.int8)
+        cap = captioner.load(args.model, device=device, int8=args.int8, precision=args.precision)
         settings = CollectionSettings(batch_size=args.batch_size, num_beams=args.beams,
                                       max_new_tokens=args.max_new_tokens, maps=args.maps, overlays=args.overlays,
                                       progress=not args.no_progress)

@@ -1,7 +1,8 @@
 """Finding and loading a captioner: a local folder, a hub id, or the default for this machine.
 
 Default: `$CAPTIONER_MODEL` if set; else the hub model when it is cached or the hub answers (as on Spaces);
-else the small scene captioner bundled in `assets/model`, so the demo runs with no internet at all.
+else the small scene captioner bundled in `assets/model`, so the demo runs with no internet at all. The decoder's
+weight precision on a CPU: `$CAPTIONER_PRECISION` (fp32, bf16 or int8; default fp32).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 import torch
 
 from .pipeline import Captioner
+from .precision import reduce_decoder
+from .precision import checked as checked_precision
 
 HUB_MODEL = "nlpconnect/vit-gpt2-image-captioning"
 BUNDLED_MODEL = str(Path(__file__).resolve().parent.parent / "assets" / "model")
@@ -73,13 +76,22 @@ def default_model() -> str:
     return models[0]
 
 
-def load(name_or_path: str | None = None, device: str | None = None, int8: bool = False) -> Captioner:
+def default_precision() -> str:
+    """`$CAPTIONER_PRECISION` if set, else "fp32": the decoder precision `load` uses when given none."""
+    return os.environ.get("CAPTIONER_PRECISION", "").strip() or "fp32"
+
+
+def load(name_or_path: str | None = None, device: str | None = None, int8: bool = False,
+         precision: str | None = None) -> Captioner:
     """Load a VisionEncoderDecoderModel with its tokenizer and image processor, ready to caption and explain.
 
     name_or_path: a local folder or a hub id; None picks `default_model()`. device: "cuda" or "cpu" (default:
-    CUDA with fp16 when present). int8=True (CPU only) quantises every Linear layer to int8 (`quantize.int8`):
-    faster decoding, words mostly the same as fp32's. Fails at once, with what to do, when a hub model is
-    neither cached nor downloadable.
+    CUDA with fp16 when present). int8=True (CPU only) is torch's dynamic quantisation of every Linear layer,
+    encoder included (`quantize.int8`: int8 weights, activations quantised per call): faster decoding, words
+    mostly the same as fp32's. precision (CPU only; None: `default_precision()`): "fp32"; "bf16" (decoder weights
+    in bfloat16, needs BF16 instructions) or "int8" (decoder weights only, int8 per output channel, activations
+    bf16 or fp32), see `captioner.precision`. Fails at once, with what to do, when a hub model is neither cached
+    nor downloadable.
     """
     from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
 
@@ -90,9 +102,16 @@ def load(name_or_path: str | None = None, device: str | None = None, int8: bool 
                            "the hub is unreachable. Call captioner.load() with no argument for the bundled "
                            f"offline model, or pass a local folder (e.g. {BUNDLED_MODEL}).")
     kwargs = {} if local or _hub_reachable() else {"local_files_only": True}
-    device = device or ("cpu" if int8 else "cuda" if torch.cuda.is_available() else "cpu")
+    if precision is None:
+        precision = "fp32" if int8 else default_precision()
+    if int8 and precision != "fp32":
+        raise ValueError(f"int8=True (dynamic quantisation of every layer) and precision={precision!r} exclude "
+                         "each other: pass one of them.")
+    reduced = int8 or precision != "fp32"
+    device = device or ("cpu" if reduced else "cuda" if torch.cuda.is_available() else "cpu")
     if int8 and device != "cpu":
         raise ValueError(f"int8 quantisation runs on the CPU only; load with device='cpu', not {device!r}.")
+    checked_precision(precision, device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     try:
         model = VisionEncoderDecoderModel.from_pretrained(name, attn_implementation=EAGER, dtype=dtype, **kwargs)
@@ -107,12 +126,15 @@ def load(name_or_path: str | None = None, device: str | None = None, int8: bool 
     if int8:
         from .quantize import int8 as quantize_int8
         model = quantize_int8(model)
+    if precision != "fp32":
+        model = reduce_decoder(model, precision)
     label = model_label(name)
+    suffix = " (int8)" if int8 else {"bf16": " (bf16)", "int8": " (int8 weights)"}.get(precision, "")
     scenes_only = None
     if local and _scenes_only(name):  # its caption of a photo is a guess, and each result says so
         size = getattr(processor, "size", None) or {}
         scenes_only = size.get("height"), size.get("width")
-    return Captioner(model, tokenizer, processor, name=f"{label} (int8)" if int8 else label,
+    return Captioner(model, tokenizer, processor, name=label + suffix,
                      scenes_only=scenes_only, photo_model=HUB_MODEL if scenes_only else "")
 
 

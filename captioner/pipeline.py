@@ -13,6 +13,7 @@ from .forcing import forced
 from .images import to_rgb
 from .kernels import conv1d_out_in, route
 from .maps import Maps, attention_maps, relevance_maps, rollout_maps
+from .precision import Int8Linear
 from .layout import FULL_VIEW, encoder_layout, image_view
 from .words import group_generated, group_typed
 
@@ -115,7 +116,7 @@ class Captioner:
         self.fast_decoding = True  # greedy and beam search by `fastdecode` (generate's tokens, faster); False: generate
         # int8 layers have no gradients and windowed encoders (Swin) no token-to-token attention, so their maps
         # default to attention; every other model's to relevance
-        self.int8 = any("quantized" in type(m).__module__ for m in model.modules())
+        self.int8 = any("quantized" in type(m).__module__ or isinstance(m, Int8Linear) for m in model.modules())
         self.default_method = "attention" if self.int8 or self.layout.windowed else DEFAULT_METHOD
 
     def __repr__(self) -> str:

@@ -5,6 +5,9 @@ Decoding a caption reads every decoder weight once per token for a handful of be
 bound by memory traffic, and int8 weights are a quarter of it. GPT-2 keeps its projections in transformers'
 `Conv1D` (x @ W + b with W stored (in, out)), which `quantize_dynamic` does not know; they become `nn.Linear`
 first, with W transposed, computing the same function.
+
+Not to be confused with `load(..., precision="int8")` (`captioner.precision`): int8 weights for the decoder only,
+activations left in bf16 or fp32, no quantisation error on the activations.
 """
 from __future__ import annotations
 

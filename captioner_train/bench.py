@@ -13,9 +13,9 @@ tokens alternate the anchor (plain `generate` from pixels on the model loaded wi
 floors of `floors` over the steps that caption decoded: the kernel floor (the encoder, then steps that only stream
 every decoder weight once through the faster kernel) and the physical floor (the encoder, then each step's weight
 bytes at the best read bandwidth sampled between the timed runs); the kernels `captioner.kernels` chose on this
-machine; the default map method against attention for an 11-word caption (explain, and caption + maps). Then: the
-int8 path (speed and word agreement with fp32), a word click (overlay of one word on a 1024 px image from the cached
-maps), cold start to first caption in a fresh process with its peak RSS, and batch mode in images/s.
+machine; the default map method against attention for an 11-word caption (explain, and caption + maps). Then: each
+reduced precision (int8 dynamic, bf16, int8 weight-only: speed and agreement with fp32), a word click (overlay of
+one word on a 1024 px image from the cached maps), cold start to first caption in a fresh process with its peak RSS, and batch mode in images/s.
 """
 from __future__ import annotations
 
@@ -143,32 +143,39 @@ def word_agreement(a: list, b: list) -> float:
     return 1.0 if n == 0 else sum(x == y for x, y in zip(a, b)) / n
 
 
+PRECISIONS = (("int8 dynamic", {"int8": True}), ("bf16", {"precision": "bf16"}),
+              ("int8 weight-only", {"precision": "int8"}))  # the options set against fp32: label, load() keywords
+
+
 @dataclass
-class Int8Figures:
-    fp32: float  # median caption() seconds, fp32
-    int8: float  # ... int8
-    agree: float  # mean word agreement with fp32 (`word_agreement`)
-    tokens: float  # mean token agreement
-    exact: float  # share of identical captions
-    n: int  # images
+class PrecisionFigures:
+    option: str  # a label of PRECISIONS
+    fp32: float = 0.0  # median caption() seconds, fp32
+    reduced: float = 0.0  # ... with the option
+    agree: float = 0.0  # mean word agreement with fp32 (`word_agreement`)
+    tokens: float = 0.0  # mean token agreement
+    exact: float = 0.0  # share of identical captions
+    n: int = 0  # images
+    refused: str = ""  # why this machine cannot run the option (then no figures)
 
 
-def int8_figures(cap, cap8, images: list, num_beams: int = 4) -> Int8Figures:
-    """Median caption() time fp32 vs int8 over `images`, mean word and token agreement, exact-caption share."""
-    fp32, int8, agree, tokens, exact = [], [], [], [], []
-    cap8.caption(images[0], max_new_tokens=NEW_TOKENS, num_beams=num_beams)  # warm-up
+def precision_figures(option: str, cap, reduced, images: list, num_beams: int = 4) -> PrecisionFigures:
+    """Median caption() time fp32 vs a reduced-precision model over `images` (the two alternate image by image),
+    mean word and token agreement, exact-caption share."""
+    fp32, times, agree, tokens, exact = [], [], [], [], []
+    reduced.caption(images[0], max_new_tokens=NEW_TOKENS, num_beams=num_beams, method="attention")  # warm-up
     for image in images:  # attention maps on both sides: int8 has no gradients for relevance
         t = time.perf_counter()
         a = cap.caption(image, max_new_tokens=NEW_TOKENS, num_beams=num_beams, method="attention")
         fp32.append(time.perf_counter() - t)
         t = time.perf_counter()
-        b = cap8.caption(image, max_new_tokens=NEW_TOKENS, num_beams=num_beams)
-        int8.append(time.perf_counter() - t)
+        b = reduced.caption(image, max_new_tokens=NEW_TOKENS, num_beams=num_beams, method="attention")
+        times.append(time.perf_counter() - t)
         agree.append(word_agreement(a.words, b.words))
         tokens.append(word_agreement(a.token_ids, b.token_ids))
         exact.append(a.words == b.words)
-    return Int8Figures(_median(fp32), _median(int8), float(np.mean(agree)), float(np.mean(tokens)),
-                       float(np.mean(exact)), len(images))
+    return PrecisionFigures(option, _median(fp32), _median(times), float(np.mean(agree)), float(np.mean(tokens)),
+                            float(np.mean(exact)), len(images))
 
 
 def click_ms(res, clicks: int = 30) -> float:
@@ -312,7 +319,7 @@ class ModelBench:
     step_bytes: int  # fp32 decoder weights a step reads, LM head and cross K/V projection included
     step_bytes_no_cross: int  # ... without the cross K/V projection, which runs once per image
     maps: MapCost
-    int8: Int8Figures
+    precision: list[PrecisionFigures]  # each of PRECISIONS against fp32
     batch: BatchFigures
     check: CheckCost | None = None  # the faithfulness check of one word
     cold: ColdStart | None = None  # measured separately (`cold_start`), in a fresh process
@@ -352,12 +359,21 @@ def _decoded_by(cap) -> str:
     return "captioner's own loop (fastdecode)" if why_not is None else f"generate ({why_not})"
 
 
-def _int8(folder: str, cap, images: list) -> Int8Figures:
-    cap8 = captioner.load(folder, device="cpu", int8=True)
-    return int8_figures(cap, cap8, images)
+def _precisions(folder: str, cap, images: list) -> list[PrecisionFigures]:
+    """Every option of PRECISIONS against fp32, or why this machine refuses it."""
+    rows = []
+    for option, how in PRECISIONS:
+        try:
+            reduced = captioner.load(folder, device="cpu", **how)
+        except ValueError as e:
+            rows.append(PrecisionFigures(option, refused=str(e)))
+            continue
+        rows.append(precision_figures(option, cap, reduced, images))
+        del reduced
+    return rows
 
 
-def bench_model(label: str, folder: str, image, int8_images: list, batch_images: list, repeats: int, text: str,
+def bench_model(label: str, folder: str, image, precision_images: list, batch_images: list, repeats: int, text: str,
                 bandwidth: ReadBandwidth | None = None):
     """Every figure of the model in `folder` but its cold start (`bandwidth` sampled between the decoding's timed
     rounds); returns them and its fp32 Captioner."""
@@ -367,7 +383,7 @@ def bench_model(label: str, folder: str, image, int8_images: list, batch_images:
     decoder = cap.model.decoder
     result = ModelBench(label, rows, _decoded_by(cap), chosen, floors.decoder_weight_bytes(decoder),
                         floors.decoder_weight_bytes(decoder, cross_kv=False), map_cost(cap, image, text, repeats),
-                        _int8(folder, cap, int8_images), batch_figures(cap, batch_images),
+                        _precisions(folder, cap, precision_images), batch_figures(cap, batch_images),
                         check_cost(cap, image, repeats))
     return result, cap
 
@@ -402,7 +418,7 @@ def _text_physical(bench: Bench) -> list[str]:
 
 
 def _text_extras(m: ModelBench) -> list[str]:
-    c, q, b, k = m.maps, m.int8, m.batch, m.check
+    c, b, k = m.maps, m.batch, m.check
     checked = [] if k is None else [
         f"{m.label}: map check of one word ({k.images} images, one batch) {k.check:.3f} s vs one caption (beam 4, "
         f"default map) {k.caption:.3f} s ({k.check / k.caption:.2f}x)"]
@@ -413,9 +429,10 @@ def _text_extras(m: ModelBench) -> list[str]:
             f"{c.explain:.3f} s vs {c.explain_attention:.3f} s ({c.explain / c.explain_attention:.2f}x); caption + "
             f"maps (beam 4) {c.caption:.3f} s vs {c.caption_attention:.3f} s "
             f"({c.caption / c.caption_attention:.2f}x)",
-            f"{m.label}: int8 beam 4 caption()+maps {q.int8:.3f} s vs fp32 {q.fp32:.3f} s "
-            f"({q.fp32 / q.int8:.2f}x); word agreement {q.agree:.1%} (tokens {q.tokens:.1%}), identical captions "
-            f"{q.exact:.0%} over {q.n} images",
+            *(f"{m.label}: {q.option} not run: {q.refused}" if q.refused else
+              f"{m.label}: {q.option} beam 4 caption()+maps {q.reduced:.3f} s vs fp32 {q.fp32:.3f} s "
+              f"({q.fp32 / q.reduced:.2f}x); word agreement {q.agree:.1%} (tokens {q.tokens:.1%}), identical "
+              f"captions {q.exact:.0%} over {q.n} images" for q in m.precision),
             f"{m.label}: batch mode beam 4, {b.n} images: {b.batched:.2f} img/s batched (8) vs "
             f"{b.single:.2f} img/s one at a time ({b.batched / b.single:.2f}x); "
             f"same tokens as one at a time {b.same:.0%}"]
@@ -520,13 +537,17 @@ def markdown_tables(bench: Bench) -> list[tuple[str, str]]:
                  f"{m.maps.explain / m.maps.explain_attention:.2f}x", f"{m.maps.caption:.3f}",
                  f"{m.maps.caption_attention:.3f}", f"{m.maps.caption / m.maps.caption_attention:.2f}x"]
                 for m in ms])), (
-        "int8 dynamic quantisation against fp32: median seconds of caption() (beam 4, attention maps), the speed-up, "
-        "the mean share of words and of tokens that agree with fp32, and the share of identical captions over the "
-        "images.",
-        _table(["model", "fp32 (s)", "int8 (s)", "speed-up", "word agreement", "token agreement",
-                "identical captions", "images"],
-               [[m.label, f"{m.int8.fp32:.3f}", f"{m.int8.int8:.3f}", f"{m.int8.fp32 / m.int8.int8:.2f}x",
-                 f"{m.int8.agree:.1%}", f"{m.int8.tokens:.1%}", f"{m.int8.exact:.0%}", str(m.int8.n)] for m in ms])), (
+        "Reduced precision against fp32 (docs/decoding.md#precision): int8 dynamic is `load(..., int8=True)` (every "
+        "Linear, activations quantised per call), bf16 and int8 weight-only are `load(..., precision=...)` (decoder "
+        "weights only). Median seconds of caption() (beam 4, attention maps) in fp32 and with the option, the "
+        "speed-up, the mean share of words and of tokens that agree with fp32, and the share of identical captions "
+        "over the images; an option this machine refuses says why instead.",
+        _table(["model", "option", "fp32 (s)", "option (s)", "speed-up", "word agreement", "token agreement",
+                "identical captions", "images", "not run because"],
+               [[m.label, q.option, *(["–"] * 7 + [q.refused] if q.refused else
+                                      [f"{q.fp32:.3f}", f"{q.reduced:.3f}", f"{q.fp32 / q.reduced:.2f}x",
+                                       f"{q.agree:.1%}", f"{q.tokens:.1%}", f"{q.exact:.0%}", str(q.n), ""])]
+                for m in ms for q in m.precision])), (
         "Batch mode (beam 4): images per second captioned one at a time and by `caption_batch` in batches of 8, the "
         "speed-up, and the share of images whose tokens are the same both ways.",
         _table(["model", "one at a time (img/s)", "batched (img/s)", "speed-up", "same tokens", "images"],

@@ -28,6 +28,7 @@ BEAM_RULES = (T_SPEED + "test_beam_search_follows_length_penalty_and_early_stopp
 LIB_SAMPLING = (T_SET + "test_each_sampling_setting_changes_what_the_library_returns",)
 PAGE_SAMPLING = (T_SET + "test_each_sampling_setting_reaches_decoding_through_the_caption_endpoint",)
 LIBRARY_LIMITS = (T_LIM + "test_generation_limits_hold_at_both_ends_in_the_library",)
+T_PREC = "tests/test_precision.py::"
 RELEVANCE_BY_HAND = (T_RULES + "test_relevance_maps_equal_the_rules_applied_one_word_at_a_time",)
 
 MUTATIONS: list[Mutation] = [
@@ -402,4 +403,50 @@ MUTATIONS: list[Mutation] = [
     Mutation("encoder share taken of the kernel floor", "captioner_train/bench.py",
              'f"{row.floor.encoder / p:.0%}"', 'f"{row.floor.encoder / row.floor.floor:.0%}"',
              (T_BENCH + "test_bench_figures_and_the_markdown_tables_written_from_them",)),
+    # --- reduced-precision decoder weights (captioner.precision)
+    Mutation("bf16 layer drops its fp32 bias", "captioner/precision.py",
+             "        y = y.float()  # (M, N)\n        y = y if self.bias is None else y + self.bias\n",
+             "        y = y.float()  # (M, N)\n",
+             (T_PREC + "test_bf16_layer_equals_fp32_linear_within_bf16_rounding",)),
+    Mutation("reduced layers return a 3-D input's rows flattened", "captioner/precision.py",
+             "        return y.view(*x.shape[:-1], y.shape[-1])  # (..., N)\n\n    def _choose",
+             "        return y\n\n    def _choose",
+             (T_PREC + "test_bf16_layer_equals_fp32_linear_within_bf16_rounding",)),
+    Mutation("packed bf16 product also where gradients are needed", "captioner/precision.py",
+             "if rows <= PACK_ROWS and not (torch.is_grad_enabled() and x.requires_grad):", "if rows <= PACK_ROWS:",
+             (T_PREC + "test_bf16_keeps_relevance_maps_close_to_fp32",)),
+    Mutation("int8 scales from the mean magnitude, not the largest", "captioner/precision.py",
+             "scales = w.abs().amax(dim=1)", "scales = w.abs().mean(dim=1)",
+             (T_PREC + "test_int8_layer_equals_fp32_linear_within_half_a_quantisation_step",)),
+    Mutation("int8 activations in bf16 on a CPU without BF16 instructions", "captioner/precision.py",
+             "act = torch.bfloat16 if bf16_supported() else torch.float32", "act = torch.bfloat16",
+             (T_PREC + "test_a_precision_this_machine_cannot_run_is_refused_with_what_to_use",)),
+    Mutation("bf16 accepted on a CPU without BF16 instructions", "captioner/precision.py",
+             'if precision == "bf16" and not bf16_supported():', "if False:",
+             (T_PREC + "test_a_precision_this_machine_cannot_run_is_refused_with_what_to_use",)),
+    Mutation("an unknown precision accepted", "captioner/precision.py",
+             "if precision not in PRECISIONS:", "if False:",
+             (T_PREC + "test_a_precision_this_machine_cannot_run_is_refused_with_what_to_use",)),
+    Mutation("the encoder's layers reduced too", "captioner/precision.py",
+             "for parent in list(model.decoder.modules()):", "for parent in list(model.modules()):",
+             (T_PREC + "test_load_with_a_precision_replaces_the_decoder_layers_and_leaves_the_encoder",)),
+    Mutation("load ignores the precision", "captioner/loading.py",
+             "    if precision != \"fp32\":\n        model = reduce_decoder(model, precision)\n", "",
+             (T_PREC + "test_load_with_a_precision_replaces_the_decoder_layers_and_leaves_the_encoder",)),
+    Mutation("$CAPTIONER_PRECISION ignored", "captioner/loading.py",
+             'return os.environ.get("CAPTIONER_PRECISION", "").strip() or "fp32"', 'return "fp32"',
+             (T_PREC + "test_the_cli_flag_and_the_environment_variable_choose_the_precision",)),
+    Mutation("the CLI's --precision never reaches load", "captioner/__main__.py",
+             "int8=args.int8, precision=args.precision)", "int8=args.int8)",
+             (T_PREC + "test_the_cli_flag_and_the_environment_variable_choose_the_precision",)),
+    Mutation("int8 weight-only layers taken for differentiable", "captioner/pipeline.py",
+             ' or isinstance(m, Int8Linear) for m in', " for m in",
+             (T_PREC + "test_int8_weights_default_to_attention_maps_and_refuse_relevance",)),
+    Mutation("precision table's speed-up upside down", "captioner_train/bench.py",
+             '[f"{q.fp32:.3f}", f"{q.reduced:.3f}", f"{q.fp32 / q.reduced:.2f}x",',
+             '[f"{q.fp32:.3f}", f"{q.reduced:.3f}", f"{q.reduced / q.fp32:.2f}x",',
+             (T_BENCH + "test_bench_figures_and_the_markdown_tables_written_from_them",)),
+    Mutation("an option this machine refuses is left out of the bench", "captioner_train/bench.py",
+             "            rows.append(PrecisionFigures(option, refused=str(e)))\n", "",
+             (T_PREC + "test_the_bench_lists_a_refused_option_with_the_reason",)),
 ]

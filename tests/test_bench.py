@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from captioner import precision
 from captioner_train import bench, floors, report
 from conftest import CAPTIONS, image_for
 
@@ -65,10 +66,13 @@ def test_bench_figures_and_the_markdown_tables_written_from_them(tiny, tiny_dir,
     assert [row.mode for row in figures.decoding] == ["beam 4", "greedy"]
     assert all(row.comparison.same for row in figures.decoding), "caption() decodes generate's tokens"
     assert figures.decoded_by == "captioner's own loop (fastdecode)" and figures.kernels
-    assert (figures.maps.words, figures.int8.n, figures.batch.n) == (len(CAPTIONS[0].split()), 2, 3)
+    assert (figures.maps.words, figures.batch.n) == (len(CAPTIONS[0].split()), 3)
+    assert [(q.option, q.n if not q.refused else 0) for q in figures.precision] == [
+        (option, 2 if option != "bf16" or precision.bf16_supported() else 0) for option, _ in bench.PRECISIONS]
     weights, cross_kv = _gpt2_weights(cap.model.decoder.config)
     assert (figures.step_bytes, figures.step_bytes_no_cross) == (4 * weights, 4 * (weights - cross_kv))
     figures.cold = bench.ColdStart(1.5, 0.5, 0.25, 0.75, 321.0)  # a fresh interpreter is too slow for this suite
+    figures.precision.append(bench.PrecisionFigures("fp8", refused="this CPU has no FP8 instructions"))
     results = bench.Bench(threads=torch.get_num_threads(), repeats=1, models=[figures],
                           click_ms=bench.click_ms(cap.caption(images[0]), clicks=2), bandwidth=BANDWIDTH)
     command = f"python -m captioner_train.bench --markdown {tmp_path / 'bench.md'}"
@@ -101,16 +105,21 @@ def test_bench_figures_and_the_markdown_tables_written_from_them(tiny, tiny_dir,
     assert f"tiny: map check of one word ({k.images} images, one batch) {k.check:.3f} s" in printed
     assert "best 5.0 GB/s, samples 2.0-5.0 GB/s (3 samples)" in printed
     assert f"{4 * weights / 1e6:.1f} MB with the cross K/V projection" in printed
-    m, q, b = figures.maps, figures.int8, figures.batch
+    m, b = figures.maps, figures.batch
     assert ["tiny", m.method, str(m.words), f"{m.explain:.3f}", f"{m.explain_attention:.3f}",
             f"{m.explain / m.explain_attention:.2f}x", f"{m.caption:.3f}", f"{m.caption_attention:.3f}",
             f"{m.caption / m.caption_attention:.2f}x"] in rows
-    assert ["tiny", f"{q.fp32:.3f}", f"{q.int8:.3f}", f"{q.fp32 / q.int8:.2f}x", f"{q.agree:.1%}", f"{q.tokens:.1%}",
-            f"{q.exact:.0%}", "2"] in rows
+    for q in figures.precision:
+        if q.refused:
+            assert ["tiny", q.option, *["–"] * 7, q.refused] in rows
+            assert f"tiny: {q.option} not run: {q.refused}" in printed
+            continue
+        assert ["tiny", q.option, f"{q.fp32:.3f}", f"{q.reduced:.3f}", f"{q.fp32 / q.reduced:.2f}x", f"{q.agree:.1%}",
+                f"{q.tokens:.1%}", f"{q.exact:.0%}", "2", ""] in rows
+        assert f"tiny: {q.option} beam 4 caption()+maps {q.reduced:.3f} s vs fp32 {q.fp32:.3f} s" in printed
     assert ["tiny", f"{b.single:.2f}", f"{b.batched:.2f}", f"{b.batched / b.single:.2f}x", f"{b.same:.0%}", "3"] in rows
     assert ["tiny", "1.5", "0.5", "0.2", "0.75", "321"] in rows and ["1024x1024", f"{results.click_ms:.1f}"] in rows
     assert ["tiny", figures.decoded_by, "; ".join(figures.kernels)] in rows
-    assert f"tiny: int8 beam 4 caption()+maps {q.int8:.3f} s vs fp32 {q.fp32:.3f} s" in printed
 
 
 def test_bench_command_writes_the_tables_of_the_figures_it_returns(tiny_dir, tmp_path, monkeypatch, capsys):
