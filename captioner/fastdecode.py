@@ -130,8 +130,11 @@ class _GPT2Steps:
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Row i of the cache becomes old row rows[i] (beams that survived, possibly duplicated)."""
-        R, t = rows.shape[0], self.t
-        self.cache[:, :, :R, :, :t] = self.cache[:, :, rows, :, :t]  # advanced indexing copies before the write
+        t = self.t
+        moved = [i for i, r in enumerate(rows.tolist()) if r != i]  # rows that continue another row's history
+        if moved:
+            into = torch.tensor(moved, device=rows.device)
+            self.cache[:, :, into, :, :t] = self.cache[:, :, rows[into], :, :t]  # indexing copies before the write
 
 
 def _topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

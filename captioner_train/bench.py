@@ -410,7 +410,7 @@ def _text_floor_rows(bench: Bench, m: ModelBench) -> list[str]:
 
 def _text_physical(bench: Bench) -> list[str]:
     best, gb = floors.best_bandwidth(bench.bandwidth) / 1e9, [b / 1e9 for b in bench.bandwidth]
-    return [f"read bandwidth (sum of a 1 GiB fp32 tensor, best of {bench.passes} passes a sample): best "
+    return [f"read bandwidth (sum of a new 1 GiB fp32 tensor, best of {bench.passes} passes a sample): best "
             f"{best:.1f} GB/s, samples {min(gb):.1f}-{max(gb):.1f} GB/s ({len(gb)} samples)",
             *(f"{m.label}: fp32 decoder weights a step reads, LM head included: {m.step_bytes / 1e6:.1f} MB with the "
               f"cross K/V projection (standing for its one product per image), {m.step_bytes_no_cross / 1e6:.1f} MB "
@@ -492,7 +492,7 @@ def _floor_tables(bench: Bench) -> list[tuple[str, str]]:
                  f"{row.floor.encoder / p:.0%}", f"{row.floor.stock_encoder:.3f}", f"{row.floor.own_encoder:.3f}",
                  str(row.floor.steps), "yes" if row.comparison.same else "NO"]
                 for m in bench.models for row in m.decoding for p in [physical(bench, m, row)]])), (
-        f"The physical floor's inputs. Read bandwidth: `t.sum()` over a 1 GiB fp32 tensor, sampled before each timed "
+        f"The physical floor's inputs. Read bandwidth: `t.sum()` over a new 1 GiB fp32 tensor, sampled before each timed "
         f"round of the decoding comparisons, each sample the best of {bench.passes} passes; the best sample is the "
         "machine's limit. Weights per step: every nn.Linear / GPT-2 Conv1D weight of the decoder in fp32, LM head "
         "included; the count with the cross-attention K/V projection (which runs once per image, not per step) "
@@ -596,7 +596,7 @@ def main(argv: list[str] | None = None) -> Bench:
     print(f"{cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {NEW_TOKENS} new tokens, "
           f"fp32, {args.repeats} timed repeats after a warm-up, medians")
     bench = Bench(torch.get_num_threads(), args.repeats)
-    bandwidth = ReadBandwidth()  # 1 GiB held for the whole bench, so each sample reads the same touched memory
+    bandwidth = ReadBandwidth()  # each sample sums a new 1 GiB tensor
     with tempfile.TemporaryDirectory() as tmp:
         full = args.full_size_dir or tmp
         if not Path(full, "config.json").exists():

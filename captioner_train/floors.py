@@ -25,21 +25,23 @@ FP32 = 4  # bytes per weight: the bench decodes in fp32
 
 
 class ReadBandwidth:
-    """The machine's read bandwidth, sampled now and then: each `sample()` times `passes` sums of one fp32 tensor of
-    `nbytes` and keeps the best pass. Bandwidth moves by 2x from minute to minute on a shared machine, so the bench
-    samples between its timed runs and takes the best sample as the machine's limit (`best_bandwidth`)."""
+    """The machine's read bandwidth, sampled now and then: each `sample()` fills a fresh fp32 tensor of `nbytes`,
+    times `passes` sums of it and keeps the best pass. Bandwidth moves by 2x from minute to minute on a shared
+    machine, and from one allocation to the next (23 to 31 GB/s for four 1 GiB tensors in a row on one Xeon VM: the
+    pages land on different memory), so the bench samples between its timed runs, each time in new memory, and
+    takes the best sample as the machine's limit (`best_bandwidth`)."""
 
     def __init__(self, nbytes: int | None = None, passes: int = PASSES):
-        self.data = torch.ones((nbytes or SAMPLE_BYTES) // FP32)  # allocated once; ones() touches every page
-        self.passes = passes
+        self.nbytes, self.passes = nbytes or SAMPLE_BYTES, passes
         self.samples: list[float] = []  # bytes/s, the best pass of each sample
 
     def sample(self) -> float:
-        """Time `passes` sums; append and return the best pass's bytes/s."""
-        nbytes, best = self.data.numel() * self.data.element_size(), 0.0
+        """Time `passes` sums of a new tensor; append and return the best pass's bytes/s."""
+        data = torch.ones(self.nbytes // FP32)  # ones() touches every page before the clock starts
+        nbytes, best = data.numel() * data.element_size(), 0.0
         for _ in range(self.passes):
             t = time.perf_counter()
-            self.data.sum()
+            data.sum()
             best = max(best, nbytes / (time.perf_counter() - t))
         self.samples.append(best)
         return best
