@@ -89,35 +89,34 @@ class _GPT2Steps:
         # per layer K^T (B, H, hd, N) and V (B, H, N, hd), contiguous: batched products copy strided operands
         self.cross = [(k.transpose(-1, -2).contiguous(), v.contiguous()) for k, v in cross]
         self.B = cross[0][0].shape[0]
+        self.cross_scaling = [b.crossattention.scaling for b in self.gpt.h]
         like = cross[0][0]
         L = len(self.gpt.h)
         self.cache = like.new_empty(L, 2, max_rows, self.H, max_len, self.hd)  # (L, keys/values, R, H, T, hd)
-        self.blocks = [(block, _norm(block.ln_1), _norm(block.ln_cross_attn), _norm(block.ln_2),
-                        _activation(block.mlp.act)) for block in self.gpt.h]
+        self.layers = [(_norm(b.ln_1), b.attn.c_attn, b.attn.scaling, b.attn.c_proj, _norm(b.ln_cross_attn),
+                        b.crossattention.q_attn, b.crossattention.c_proj, _norm(b.ln_2), b.mlp.c_fc,
+                        _activation(b.mlp.act), b.mlp.c_proj) for b in self.gpt.h]  # what a step calls, per layer
         self.ln_f = _norm(self.gpt.ln_f)
         self.attn: list[torch.Tensor] = []  # per step (L, B, H, R/B, N)
         self.t = 0  # tokens already in the cache
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits (R, V) float32 for token ids (R,) at position self.t."""
-        R, t, H, hd, D, linear = ids.shape[0], self.t, self.H, self.hd, self.D, self.linear
+        R, t, H, hd, D, B, linear = ids.shape[0], self.t, self.H, self.hd, self.D, self.B, self.linear
         x = self.gpt.wte(ids) + self.gpt.wpe.weight[t]  # (R, D)
         probs = []
-        for (block, ln_1, ln_cross, ln_2, act), (ckt, cv), cache in zip(self.blocks, self.cross, self.cache):
-            attn = block.attn
-            qkv = linear(ln_1(x), attn.c_attn)  # (R, 3D): queries, keys, values
+        for (ln_1, c_attn, scaling, c_proj, ln_cross, q_attn, cross_proj, ln_2, c_fc, act, mlp_proj), (ckt, cv), \
+                cache, cross_scaling in zip(self.layers, self.cross, self.cache, self.cross_scaling):
+            qkv = linear(ln_1(x), c_attn)  # (R, 3D): queries, keys, values
             cache[:, :R, :, t] = qkv[:, D:].view(R, 2, H, hd).transpose(0, 1)  # (2, R, H, hd) into (2, R, H, T, hd)
             a = F.scaled_dot_product_attention(qkv[:, :D].view(R, H, 1, hd), cache[0, :R, :, :t + 1],
-                                               cache[1, :R, :, :t + 1], scale=attn.scaling)  # (R, H, 1, hd)
-            x = x + linear(a.reshape(R, D), attn.c_proj)
-            cross = block.crossattention
-            q = linear(ln_cross(x), cross.q_attn)  # (R, D)
-            q = q.view(self.B, R // self.B, H, hd).transpose(1, 2)  # (B, H, R/B, hd): an image's beams as queries
-            p = (q @ ckt * cross.scaling).softmax(-1).to(cv.dtype)  # (B, H, R/B, N), as eager
+                                               cache[1, :R, :, :t + 1], scale=scaling)  # (R, H, 1, hd)
+            x += linear(a.view(R, D), c_proj)
+            q = linear(ln_cross(x), q_attn).view(B, R // B, H, hd).transpose(1, 2)  # (B, H, R/B, hd): an image's beams
+            p = (q @ ckt * cross_scaling).softmax(-1).to(cv.dtype)  # (B, H, R/B, N), as eager
             probs.append(p)
-            x = x + linear((p @ cv).transpose(1, 2).reshape(R, D), cross.c_proj)  # (B, H, R/B, hd) -> (R, D)
-            mlp = block.mlp
-            x = x + linear(act(linear(ln_2(x), mlp.c_fc)), mlp.c_proj)  # dropout: eval, none
+            x += linear((p @ cv).transpose(1, 2).reshape(R, D), cross_proj)  # (B, H, R/B, hd) -> (R, D)
+            x += linear(act(linear(ln_2(x), c_fc)), mlp_proj)  # dropout: eval, none
         self.attn.append(torch.stack(probs))  # (L, B, H, R/B, N)
         self.t += 1
         return linear(self.ln_f(x), self.lm_head).float()  # (R, V)
