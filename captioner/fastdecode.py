@@ -86,10 +86,12 @@ class _GPT2Steps:
         self.linear = kernels_for(model).linear
         self.H, self.D = dec.config.n_head, dec.config.n_embd
         self.hd = self.D // self.H
-        # per layer K^T (B, H, hd, N) and V (B, H, N, hd), contiguous: batched products copy strided operands
-        self.cross = [(k.transpose(-1, -2).contiguous(), v.contiguous()) for k, v in cross]
-        self.B = cross[0][0].shape[0]
-        self.cross_scaling = [b.crossattention.scaling for b in self.gpt.h]
+        # per layer K^T (B*H, hd, N), scaled by the layer's attention scaling (1/8 for GPT-2's 64-wide heads: a power
+        # of two, so the scores are eager's to the bit), and V (B*H, N, hd), contiguous: a batched product copies
+        # strided operands on every call
+        self.B, N = cross[0][0].shape[0], cross[0][0].shape[2]
+        self.cross = [((k.transpose(-1, -2) * b.crossattention.scaling).reshape(-1, self.hd, N),
+                       v.reshape(-1, N, self.hd)) for (k, v), b in zip(cross, self.gpt.h)]
         like = cross[0][0]
         L = len(self.gpt.h)
         self.cache = like.new_empty(L, 2, max_rows, self.H, max_len, self.hd)  # (L, keys/values, R, H, T, hd)
@@ -106,18 +108,19 @@ class _GPT2Steps:
         x = self.gpt.wte(ids) + self.gpt.wpe.weight[t]  # (R, D)
         probs = []
         for (ln_1, c_attn, scaling, c_proj, ln_cross, q_attn, cross_proj, ln_2, c_fc, act, mlp_proj), (ckt, cv), \
-                cache, cross_scaling in zip(self.layers, self.cross, self.cache, self.cross_scaling):
+                cache in zip(self.layers, self.cross, self.cache):
             qkv = linear(ln_1(x), c_attn)  # (R, 3D): queries, keys, values
             cache[:, :R, :, t] = qkv[:, D:].view(R, 2, H, hd).transpose(0, 1)  # (2, R, H, hd) into (2, R, H, T, hd)
             a = F.scaled_dot_product_attention(qkv[:, :D].view(R, H, 1, hd), cache[0, :R, :, :t + 1],
                                                cache[1, :R, :, :t + 1], scale=scaling)  # (R, H, 1, hd)
             x += linear(a.view(R, D), c_proj)
             q = linear(ln_cross(x), q_attn).view(B, R // B, H, hd).transpose(1, 2)  # (B, H, R/B, hd): an image's beams
-            p = (q @ ckt * cross_scaling).softmax(-1).to(cv.dtype)  # (B, H, R/B, N), as eager
+            p = torch.bmm(q.reshape(B * H, R // B, hd), ckt).softmax(-1)  # (B*H, R/B, N), as eager
             probs.append(p)
-            x += linear((p @ cv).transpose(1, 2).reshape(R, D), cross_proj)  # (B, H, R/B, hd) -> (R, D)
+            a = torch.bmm(p, cv).view(B, H, R // B, hd).transpose(1, 2)  # (B, R/B, H, hd)
+            x += linear(a.reshape(R, D), cross_proj)  # (R, D)
             x += linear(act(linear(ln_2(x), c_fc)), mlp_proj)  # dropout: eval, none
-        self.attn.append(torch.stack(probs))  # (L, B, H, R/B, N)
+        self.attn.append(torch.stack(probs).view(len(probs), B, H, R // B, -1))  # (L, B, H, R/B, N)
         self.t += 1
         return linear(self.ln_f(x), self.lm_head).float()  # (R, V)
 
@@ -129,25 +132,27 @@ class _GPT2Steps:
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Row i of the cache becomes old row rows[i] (beams that survived, possibly duplicated)."""
-        t = self.t
-        moved = [i for i, r in enumerate(rows.tolist()) if r != i]  # rows that continue another row's history
-        if moved:
-            into = torch.tensor(moved, device=rows.device)
-            self.cache[:, :, into, :, :t] = self.cache[:, :, rows[into], :, :t]  # indexing copies before the write
+        if any(r != i for i, r in enumerate(rows.tolist())):  # a row continues another row's history
+            kept = self.cache[:, :, :len(rows), :, :self.t]  # (L, 2, R, H, t, hd)
+            kept.copy_(kept.index_select(2, rows))  # index_select copies before the write
 
 
-def _topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`torch.topk(scores.reshape(B, nb * V), k)` for scores (B, nb, V): the same values and indices, found from
-    each beam's own k+1 best first (a beam's row at a time is several times faster on a 50k-word vocabulary). When
-    two of the k+1 best are equal, the order among them is the kernel's choice, so the plain call decides."""
-    B, nb, V = scores.shape
+def _topk(logp: torch.Tensor, running_scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.topk((logp.expand(B, nb, V) + running_scores[:, :, None]).reshape(B, nb * V), k)` for log-probabilities
+    logp (B, rows, V) (rows: nb, or 1 when all beams are one row) and beam scores (B, nb): the same values and
+    indices, found from each row's own k+1 best first (a row at a time is several times faster on a 50k-word
+    vocabulary), the beam score added to those alone (the same fp32 sum as on the whole row; a sum never reorders
+    a row, at most ties two of it). When two of the k+1 best are equal, the order among them is the kernel's
+    choice, so the plain call over the whole sum decides."""
+    (B, rows, V), nb = logp.shape, running_scores.shape[1]
     if k + 1 <= V:
-        v, i = torch.topk(scores, k + 1)  # (B, nb, k+1), i within a beam's row
-        i = i + torch.arange(nb, device=scores.device)[:, None] * V  # in the flattened row
+        v, i = torch.topk(logp, k + 1)  # (B, rows, k+1), i within a row
+        v = v.expand(B, nb, k + 1) + running_scores[:, :, None]  # (B, nb, k+1): the best of each beam
+        i = i.expand(B, nb, k + 1) + torch.arange(nb, device=logp.device)[:, None] * V  # in the flattened beams
         v, j = torch.topk(v.reshape(B, nb * (k + 1)), k + 1)  # (B, k+1)
         if bool((v[:, :-1] > v[:, 1:]).all()):  # k+1 distinct values: the top k and their order are unique
             return v[:, :k], i.reshape(B, -1).gather(1, j[:, :k])
-    return torch.topk(scores.reshape(B, nb * V), k)
+    return torch.topk((logp.expand(B, nb, V) + running_scores[:, :, None]).reshape(B, nb * V), k)
 
 
 @torch.inference_mode()
@@ -204,8 +209,8 @@ def beam_search(model, encoder_hidden: torch.Tensor, max_new_tokens: int, num_be
         logp = steps.step(ids).log_softmax(-1)  # (R, V), R = B at step 0 and B*nb after
         logps.append(logp)
         V, rows_per_image = logp.shape[-1], ids.shape[0] // B  # 1 at step 0 (all beams are one row), else nb
-        logp = logp.view(B, -1, V).expand(B, nb, V) + running_scores[:, :, None]  # (B, nb, V)
-        top_scores, top_index = _topk(logp, K)  # (B, K): generate's torch.topk(logp.reshape(B, nb * V), k=K)
+        # (B, K): generate's torch.topk((logp + running_scores).reshape(B, nb * V), k=K)
+        top_scores, top_index = _topk(logp.view(B, rows_per_image, V), running_scores, K)
         top_beam, top_ids = top_index // V, top_index % V  # (B, K) each
         top_row = image_offset * rows_per_image + top_beam.clamp(max=rows_per_image - 1)  # (B, K): its decoder row
         top_seqs = torch.take_along_dim(running, top_beam[:, :, None], dim=1)  # (B, K, max_length)

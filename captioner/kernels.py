@@ -11,7 +11,12 @@ and keeps the fastest for the process:
 - "packed": the BLAS's own prepacked layout (MKL's `cblas_sgemm_pack`, through `torch.ops.mkl`), made once per
   weight: a GEMM library packs the weight on every call otherwise, which costs a few-row product most of its
   bandwidth. Packed copies are kept only for the shapes where "packed" won;
-- "bmm": `bmm_split`, one block of output rows per thread.
+- "bmm": `bmm_split`, one block of output rows per thread;
+- "onednn": oneDNN's own prepacked layout (`torch.ops.mkldnn`), made once per weight and row count, multiplied
+  by oneDNN's kernels, which it generates for the instructions of the CPU it runs on (on an AMD EPYC, MKL's fp32
+  GEMM ran 2 to 4x slower than oneDNN's, for a few rows and for an encoder's patches alike).
+
+The packed kernels have no backward, so `Kernels.linear` calls the layer itself while gradients are recorded.
 
 GPT-2's `Conv1D` weights are laid out (out, in) in memory once (`conv1d_out_in`: same shape, values and
 state_dict, no extra memory). Each (layer, rows) gets a plan, a closure over its weight, bias and kernel, so a
@@ -34,24 +39,29 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-KERNELS = ("linear", "packed", "bmm")
+KERNELS = ("linear", "packed", "bmm", "onednn")
+PACKED = ("packed", "onednn")  # the kernels that read a packed copy of the weight, made once per row count
 FEW = 8  # up to this many rows (a decoding step's beams), each row count is timed and packed for on its own
 _forced: str | None = None  # set by `forced`: the kernel of every product in this process
 
 
 def available(device: torch.device | str = "cpu") -> tuple[str, ...]:
-    """The kernels that run on `device` with this torch build: all of them on a CPU with MKL, "linear" elsewhere."""
+    """The kernels that run on `device` with this torch build: on a CPU, "linear" and "bmm", "packed" with MKL and
+    "onednn" with oneDNN; "linear" elsewhere."""
     if torch.device(device).type != "cpu":
         return ("linear",)
-    packed = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
-    return tuple(k for k in KERNELS if k != "packed" or packed)
+    built = {"packed": torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"),
+             "onednn": torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")}
+    return tuple(k for k in KERNELS if built.get(k, True))
 
 
 def _checked(kernel: str | None) -> str | None:
     if kernel not in (None, *KERNELS):
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}.")
     if kernel is not None and kernel not in available():
-        raise ValueError(f"kernel {kernel!r} needs a torch build with MKL; this one has {', '.join(available())}.")
+        library = "MKL" if kernel == "packed" else "oneDNN"
+        raise ValueError(f"kernel {kernel!r} needs a torch build with {library}; this one has "
+                         f"{', '.join(available())}.")
     return kernel
 
 
@@ -87,15 +97,24 @@ def weight(layer: nn.Module) -> torch.Tensor | None:
     return w if w is not None and w.dtype == torch.float32 and w.is_contiguous() else None
 
 
-def bmm_split(x: torch.Tensor, w: torch.Tensor, threads: int) -> torch.Tensor:
-    """x (M, K) @ w (N, K)^T -> (M, N), as one block of output rows per thread (bmm parallelises over blocks), the
-    rows that do not divide evenly over the threads (vocab 50257) in one product of their own."""
+def bmm_split(x: torch.Tensor, w: torch.Tensor, threads: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) @ w (N, K)^T + bias -> (M, N), as one block of output rows per thread (bmm parallelises over
+    blocks), the rows that do not divide evenly over the threads (vocab 50257) in one product of their own; the
+    bias is added by the products themselves (baddbmm, addmm), and both write into one output."""
     (N, K), M = w.shape, x.shape[0]
     n = N - N % threads
-    out = torch.bmm(w[:n].view(threads, n // threads, K), x.t().expand(threads, K, M)).view(n, M)  # (n, M)
+    out = x.new_empty(N, M)  # (N, M): each product writes its rows
+    blocks, xt = w[:n].view(threads, n // threads, K), x.t().expand(threads, K, M)
+    if bias is None:
+        torch.bmm(blocks, xt, out=out[:n].view(threads, n // threads, M))
+    else:
+        torch.baddbmm(bias[:n].view(threads, n // threads, 1), blocks, xt, out=out[:n].view(threads, n // threads, M))
     if n < N:
-        out = torch.cat((out, w[n:] @ x.t()))  # (N, M)
-    return out.t().contiguous()  # (M, N)
+        if bias is None:
+            torch.mm(w[n:], x.t(), out=out[n:])
+        else:
+            torch.addmm(bias[n:, None], w[n:], x.t(), out=out[n:])
+    return out.t().contiguous()  # (M, N); no copy for one row
 
 
 def pack(w: torch.Tensor, rows: int) -> torch.Tensor:
@@ -106,8 +125,24 @@ def pack(w: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, w, bias) for x (M, K) with w read from `pack(w)`: (M, N)."""
+    """F.linear(x, w, bias) for x (M, K) with w read from `pack(w)`: (M, N). No backward."""
     return torch.ops.mkl._mkl_linear(x, packed, w, bias, x.shape[0])
+
+
+def onednn_pack(w: torch.Tensor, rows: int) -> torch.Tensor:
+    """w (N, K) fp32 in oneDNN's prepacked layout for products with `rows` rows (an opaque tensor as large as w),
+    for `onednn_linear`; like `pack`, any row count can read it."""
+    return torch.ops.mkldnn._reorder_linear_weight(w, batch_size=rows)
+
+
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, w, bias) for x (M, K) with w read from `onednn_pack(w)`: (M, N). No backward (its gradient
+    would silently be missing): for products without gradients only, as every caller here is."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _packer(kernel: str):
+    return pack if kernel == "packed" else onednn_pack
 
 
 def rows_class(rows: int) -> int:
@@ -148,11 +183,15 @@ class Kernels:
                 self.by_shape.setdefault(tuple(w.shape), []).append(w)
                 self._rank.setdefault(w.untyped_storage().data_ptr(), len(self._rank))
         self.chosen: dict[tuple[int, int, int, int], tuple[str, dict[str, float]]] = {}  # key -> (kernel, GB/s)
-        self.packs: dict[tuple[int, int], tuple] = {}  # (w's address, rows) -> (w, its version, packed copy)
+        self.packs: dict[tuple[int, int, str], tuple] = {}  # (w's address, rows, kernel) -> (w, version, packed copy)
         self.plans: dict[tuple, _Plan] = {}  # (layer, rows, threads, forced) -> plan
 
     def linear(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-        """layer(x) for rows x (M, K) -> (M, N), by the kernel chosen for this shape and M."""
+        """layer(x) for rows x (M, K) -> (M, N), by the kernel chosen for this shape and M; by the layer itself while
+        gradients are recorded (the packed products have no backward, and products into a given output record
+        none)."""
+        if torch.is_grad_enabled():
+            return layer(x)
         key = (layer, x.shape[0], torch.get_num_threads(), _forced)
         plan = self.plans.get(key)
         if plan is None or not plan.valid():
@@ -171,25 +210,30 @@ class Kernels:
         if kernel == "packed":
             p = self.pack(w, rows)
             return _Plan(layer, lambda x: packed_linear(x, p, w, bias))
+        if kernel == "onednn":
+            p = self.pack(w, rows, "onednn")
+            return _Plan(layer, lambda x: onednn_linear(x, p, bias))
         if kernel == "bmm":
             threads = torch.get_num_threads()
-            return _Plan(layer, lambda x: bmm_split(x, w, threads) if bias is None else bmm_split(x, w, threads)
-                         .add_(bias))
+            return _Plan(layer, lambda x: bmm_split(x, w, threads, bias))
         return _Plan(layer, lambda x: F.linear(x, w, bias))
 
-    def pack(self, w: torch.Tensor, rows: int) -> torch.Tensor:
-        """`pack(w, rows)`, made once per weight and row count and kept while the weight's values stay the same
-        (the weight is held, so its memory cannot be reused by another while the packed copy is kept)."""
-        key = (w.untyped_storage().data_ptr(), rows_class(rows))
+    def pack(self, w: torch.Tensor, rows: int, kernel: str = "packed") -> torch.Tensor:
+        """w packed for `kernel` ("packed": `pack`, "onednn": `onednn_pack`) for `rows` rows, made once per weight,
+        kernel and row count and kept while the weight's values stay the same (the weight is held, so its memory
+        cannot be reused by another while the packed copy is kept)."""
+        key = (w.untyped_storage().data_ptr(), rows_class(rows), kernel)
         kept = self.packs.get(key)
         if kept is None or kept[0].shape != w.shape or kept[1] != w._version:
-            kept = self.packs[key] = (w, w._version, pack(w, rows))
+            kept = self.packs[key] = (w, w._version, _packer(kernel)(w, rows))
         return kept[2]
 
     def product(self, kernel: str, x: torch.Tensor, w: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-        """x (M, K) @ w (N, K)^T -> (M, N) by `kernel`, "packed" from the kept packed copy of w."""
+        """x (M, K) @ w (N, K)^T -> (M, N) by `kernel`, "packed" and "onednn" from the kept packed copy of w."""
         if _checked(kernel) == "packed":
             return packed_linear(x, self.pack(w, x.shape[0]), w, None)
+        if kernel == "onednn":
+            return onednn_linear(x, self.pack(w, x.shape[0], "onednn"), None)
         return product(kernel, x, w, threads)
 
     def choose(self, w: torch.Tensor, rows: int) -> str:
@@ -236,9 +280,10 @@ class Kernels:
             fastest = max(speed, key=speed.get)
             kernel = fastest if speed[fastest] > speed["linear"] / 0.95 else "linear"
             self.chosen[(*shape, rows_class(rows), threads)] = (kernel, speed)
-            if kernel != "packed":  # packed copies only where they are used
-                for w in ws:
-                    self.packs.pop((w.untyped_storage().data_ptr(), rows_class(rows)), None)
+            for w in ws:  # packed copies only where they are used
+                for name in PACKED:
+                    if name != kernel:
+                        self.packs.pop((w.untyped_storage().data_ptr(), rows_class(rows), name), None)
 
     def summary(self) -> list[str]:
         """One line per choice made so far: shape, rows, threads, kernel, and every candidate's GB/s."""
@@ -248,12 +293,14 @@ class Kernels:
 
 
 def product(kernel: str, x: torch.Tensor, w: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-    """x (M, K) @ w (N, K)^T -> (M, N) by `kernel` ("packed" packs w on the spot: `Kernels.product` keeps the
-    packed copy); threads: the bmm split's blocks (default: torch's threads)."""
+    """x (M, K) @ w (N, K)^T -> (M, N) by `kernel` ("packed" and "onednn" pack w on the spot: `Kernels.product`
+    keeps the packed copy); threads: the bmm split's blocks (default: torch's threads)."""
     if _checked(kernel) == "linear":
         return F.linear(x, w)
     if kernel == "packed":
         return packed_linear(x, pack(w, x.shape[0]), w, None)
+    if kernel == "onednn":
+        return onednn_linear(x, onednn_pack(w, x.shape[0]), None)
     return bmm_split(x, w, threads or torch.get_num_threads())
 
 

@@ -526,7 +526,7 @@ def markdown_tables(bench: Bench) -> list[tuple[str, str]]:
                  str(row.comparison.words)]
                 for m in ms for row in m.decoding])), *_floor_tables(bench), (
         "How each model is decoded, and the kernel kernels.Kernels chose for each weight shape on this machine (its "
-        "timed bandwidth for both candidates).",
+        "timed bandwidth for every candidate).",
         _table(["model", "decoded by", "kernels chosen"], [[m.label, m.decoded_by, "; ".join(m.kernels) or "–"]
                                                            for m in ms])), (
         "The default map method against attention, in seconds: `explain` of a caption of that many words, and "

@@ -191,11 +191,16 @@ def test_both_kernels_compute_the_layer(random_tiny, threads, rows):
                     m.bias.normal_()
         for layer in layers:
             x = torch.randn(rows, kernels.weight(layer).shape[1], device=random_tiny.device,
-                            dtype=random_tiny.model.dtype)
+                            dtype=random_tiny.model.dtype, requires_grad=True)
             want = layer(x)  # the module's own forward (Conv1D: x @ W + b)
             for kernel in kernels.available():
-                got = kernels.Kernels(decoder, force=kernel).linear(x, layer)
+                timed = kernels.Kernels(decoder, force=kernel)
+                with torch.no_grad():  # as decoding runs them
+                    got = timed.linear(x, layer)
                 assert got.shape == want.shape and torch.allclose(got, want, atol=atol(random_tiny)), kernel
+                # while gradients are recorded, the layer itself: the packed kernels have no backward
+                grad, = torch.autograd.grad(timed.linear(x, layer).sum(), x)
+                assert torch.allclose(grad, kernels.weight(layer).sum(0).expand_as(x), atol=atol(random_tiny)), kernel
     finally:
         torch.set_num_threads(saved)
 
@@ -215,15 +220,18 @@ def test_each_decoding_step_gives_the_models_own_logits(tiny, kernel):
 
 @pytest.mark.parametrize("V", [5, 300, 50257])
 def test_beam_topk_equals_torch_topk_over_the_flattened_beams(V):
-    """The loop's two-stage top-k (each beam's best first) gives torch.topk's values and indices, ties included:
-    beams that start at -1e9 (whose scores tie in fp32), whole rows of equal scores, a vocabulary smaller than k."""
+    """The loop's two-stage top-k (each row's best first, the beam score added to those alone) gives torch.topk's
+    values and indices over the whole sum, ties included: beams that start at -1e9 (whose scores tie in fp32), one
+    row for all beams (step 0), whole rows of equal scores, a vocabulary smaller than k."""
     g = torch.Generator().manual_seed(V)
-    cases = [torch.randn(2, 4, V, generator=g)]
-    start = torch.randn(2, 1, V, generator=g).expand(2, 4, V) + torch.tensor([0.0, -1e9, -1e9, -1e9])[:, None]
-    cases += [start.contiguous(), torch.zeros(2, 4, V), torch.randn(2, 4, V, generator=g).round()]
-    for scores in cases:
-        want = torch.topk(scores.reshape(2, 4 * V), 8)
-        got = fastdecode._topk(scores, 8)
+    scores = torch.randn(2, 4, generator=g)
+    start = torch.tensor([[0.0, -1e9, -1e9, -1e9]] * 2)
+    cases = [(torch.randn(2, 4, V, generator=g), scores), (torch.randn(2, 1, V, generator=g), start),
+             (torch.randn(2, 4, V, generator=g), start), (torch.zeros(2, 4, V), scores),
+             (torch.randn(2, 4, V, generator=g).round(), scores.round()), (torch.randn(2, 1, V, generator=g), scores)]
+    for logp, running in cases:
+        want = torch.topk((logp.expand(2, 4, V) + running[:, :, None]).reshape(2, 4 * V), 8)
+        got = fastdecode._topk(logp, running, 8)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
@@ -268,7 +276,7 @@ def test_a_plan_follows_its_layers_weight_when_it_changes(random_tiny):
 
 
 def test_kernels_are_chosen_by_timing_and_decode_the_same(random_eos):
-    """The timed choice records both candidates' speeds; forcing either kernel decodes the same tokens and maps."""
+    """The timed choice records every candidate's speed; forcing any kernel decodes the same tokens and maps."""
     timed = kernels.Kernels(random_eos.model.decoder)
     w = kernels.weight(random_eos.model.decoder.lm_head)
     if random_eos.device.type != "cpu":
@@ -402,10 +410,11 @@ def test_random_bpe_tokenizer_has_the_requested_size():
 
 def test_a_forced_kernel_runs_every_product_of_the_decoding(random_tiny, monkeypatch):
     """`kernels.forced` is what the exact tests rely on: under it, decoding's products run on that kernel only."""
-    calls = {"bmm": [], "packed": []}
-    split, packed = kernels.bmm_split, kernels.packed_linear
+    calls = {"bmm": [], "packed": [], "onednn": []}
+    split, packed, onednn = kernels.bmm_split, kernels.packed_linear, kernels.onednn_linear
     monkeypatch.setattr(kernels, "bmm_split", lambda *args: calls["bmm"].append(args) or split(*args))
     monkeypatch.setattr(kernels, "packed_linear", lambda *args: calls["packed"].append(args) or packed(*args))
+    monkeypatch.setattr(kernels, "onednn_linear", lambda *args: calls["onednn"].append(args) or onednn(*args))
     for kernel in kernels.available():
         for seen in calls.values():
             seen.clear()
