@@ -50,9 +50,22 @@ def available(device: torch.device | str = "cpu") -> tuple[str, ...]:
     "onednn" with oneDNN; "linear" elsewhere."""
     if torch.device(device).type != "cpu":
         return ("linear",)
-    built = {"packed": torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"),
-             "onednn": torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")}
-    return tuple(k for k in KERNELS if built.get(k, True))
+    return _CPU_KERNELS
+
+
+def _runs(kernel: str) -> bool:
+    """Whether this torch build has `kernel` and it computes a small product right."""
+    if kernel == "packed" and not (torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")):
+        return False
+    if kernel == "onednn" and not (torch.backends.mkldnn.is_available() and
+                                   hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    x, w = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(4, 3)
+    try:
+        with torch.no_grad():
+            return torch.equal(_product(kernel, x, w, threads=2), x @ w.t())
+    except RuntimeError:  # an op the build declares but cannot run (no kernel for this CPU)
+        return False
 
 
 def _checked(kernel: str | None) -> str | None:
@@ -60,8 +73,8 @@ def _checked(kernel: str | None) -> str | None:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}.")
     if kernel is not None and kernel not in available():
         library = "MKL" if kernel == "packed" else "oneDNN"
-        raise ValueError(f"kernel {kernel!r} needs a torch build with {library}; this one has "
-                         f"{', '.join(available())}.")
+        raise ValueError(f"kernel {kernel!r} needs {library}, which this torch build lacks or cannot run on this "
+                         f"CPU; it has {', '.join(available())}.")
     return kernel
 
 
@@ -295,7 +308,11 @@ class Kernels:
 def product(kernel: str, x: torch.Tensor, w: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """x (M, K) @ w (N, K)^T -> (M, N) by `kernel` ("packed" and "onednn" pack w on the spot: `Kernels.product`
     keeps the packed copy); threads: the bmm split's blocks (default: torch's threads)."""
-    if _checked(kernel) == "linear":
+    return _product(_checked(kernel), x, w, threads)
+
+
+def _product(kernel: str, x: torch.Tensor, w: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    if kernel == "linear":
         return F.linear(x, w)
     if kernel == "packed":
         return packed_linear(x, pack(w, x.shape[0]), w, None)
@@ -339,3 +356,7 @@ def kernels_for(model: nn.Module) -> Kernels:
         _KERNELS[model] = Kernels(model.decoder if hasattr(model, "decoder") else model,
                                   skip=lambda name: name.endswith("crossattention.c_attn"))
     return _KERNELS[model]
+
+
+# measured once at import, with `product` defined: "linear" always runs
+_CPU_KERNELS = ("linear", *(k for k in KERNELS[1:] if _runs(k)))

@@ -176,7 +176,7 @@ def test_the_settings_above_change_which_beam_wins(random_eos, setting, values, 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
 @pytest.mark.parametrize("rows", [1, 3, 4])
-def test_both_kernels_compute_the_layer(random_tiny, threads, rows):
+def test_every_kernel_computes_the_layer(random_tiny, threads, rows):
     """Every linear layer of the decoder through each kernel, with thread counts that leave rows over (a weight's
     output size not divisible by the threads: 32 by 3 or 7, the 300-token head by 7) and that do not."""
     saved = torch.get_num_threads()
@@ -424,3 +424,18 @@ def test_a_forced_kernel_runs_every_product_of_the_decoding(random_tiny, monkeyp
     with pytest.raises(ValueError, match="kernel"):
         with kernels.forced("magic"):
             pass
+
+
+def test_a_kernel_is_available_only_where_it_computes_a_product_right(monkeypatch):
+    """`available()` lists a packed kernel only where this build has it and it runs: one that raises (an op the
+    build declares but cannot run on this CPU) or computes a wrong product is left out; "linear" always stays."""
+    assert kernels.available()[0] == "linear" and kernels.available("meta") == ("linear",)
+    for name in ("onednn", "packed"):
+        has = {"onednn": torch.backends.mkldnn.is_available(), "packed": torch.backends.mkl.is_available()}[name]
+        assert (name in kernels.available()) == has == kernels._runs(name)
+    def broken(*args):
+        raise RuntimeError("no kernel for this CPU")
+    monkeypatch.setattr(kernels, "onednn_linear", broken)
+    assert not kernels._runs("onednn")
+    monkeypatch.setattr(kernels, "bmm_split", lambda x, w, threads, bias=None: torch.zeros(x.shape[0], w.shape[0]))
+    assert not kernels._runs("bmm")
