@@ -18,6 +18,7 @@ submodules (`c_attn`, `q_attn`, `c_proj`, `mlp`, layer norms); layers that are n
 """
 from __future__ import annotations
 
+import math
 import weakref
 from functools import partial
 
@@ -75,7 +76,7 @@ class _GPT2Steps:
     """One GPT-2 decoding step at a time for R rows (beams of B images), with its own self-attention cache.
 
     Row r belongs to image r // (R // B): rows of an image are contiguous, so its beams' cross-attention is one
-    (B, H, R/B, hd) x (B, H, N, hd) attention call against K/V computed once. Each step's cross-attention
+    batched product (B*H, R/B, hd) x (B*H, hd, N) against K/V computed once. Each step's cross-attention
     probabilities are kept in `attn` ((L, B, H, R/B, N) per step, rows as they were at that step; `row_attention`
     reads one row back).
     """
@@ -86,12 +87,17 @@ class _GPT2Steps:
         self.linear = kernels_for(model).linear
         self.H, self.D = dec.config.n_head, dec.config.n_embd
         self.hd = self.D // self.H
-        # per layer K^T (B*H, hd, N), scaled by the layer's attention scaling (1/8 for GPT-2's 64-wide heads: a power
-        # of two, so the scores are eager's to the bit), and V (B*H, N, hd), contiguous: a batched product copies
-        # strided operands on every call
+        # per layer K^T (B*H, hd, N) and V (B*H, N, hd), contiguous (a batched product copies strided operands on
+        # every call), and the scaling of the scores. A scaling that is a power of two (GPT-2's 1/8 for 64-wide
+        # heads) is applied to K^T once: scaling by a power of two is exact, so the scores are eager's to the bit;
+        # any other is applied to the scores, as eager does
         self.B, N = cross[0][0].shape[0], cross[0][0].shape[2]
-        self.cross = [((k.transpose(-1, -2) * b.crossattention.scaling).reshape(-1, self.hd, N),
-                       v.reshape(-1, N, self.hd)) for (k, v), b in zip(cross, self.gpt.h)]
+        self.cross = []
+        for (k, v), block in zip(cross, self.gpt.h):
+            scaling = block.crossattention.scaling
+            exact = math.frexp(scaling)[0] == 0.5  # a power of two
+            kt = (k.transpose(-1, -2) * scaling if exact else k.transpose(-1, -2)).reshape(-1, self.hd, N)
+            self.cross.append((kt.contiguous(), v.reshape(-1, N, self.hd).contiguous(), None if exact else scaling))
         like = cross[0][0]
         L = len(self.gpt.h)
         self.cache = like.new_empty(L, 2, max_rows, self.H, max_len, self.hd)  # (L, keys/values, R, H, T, hd)
@@ -107,15 +113,16 @@ class _GPT2Steps:
         R, t, H, hd, D, B, linear = ids.shape[0], self.t, self.H, self.hd, self.D, self.B, self.linear
         x = self.gpt.wte(ids) + self.gpt.wpe.weight[t]  # (R, D)
         probs = []
-        for (ln_1, c_attn, scaling, c_proj, ln_cross, q_attn, cross_proj, ln_2, c_fc, act, mlp_proj), (ckt, cv), \
-                cache in zip(self.layers, self.cross, self.cache):
+        for (ln_1, c_attn, scaling, c_proj, ln_cross, q_attn, cross_proj, ln_2, c_fc, act, mlp_proj), \
+                (ckt, cv, cross_scaling), cache in zip(self.layers, self.cross, self.cache):
             qkv = linear(ln_1(x), c_attn)  # (R, 3D): queries, keys, values
             cache[:, :R, :, t] = qkv[:, D:].view(R, 2, H, hd).transpose(0, 1)  # (2, R, H, hd) into (2, R, H, T, hd)
             a = F.scaled_dot_product_attention(qkv[:, :D].view(R, H, 1, hd), cache[0, :R, :, :t + 1],
                                                cache[1, :R, :, :t + 1], scale=scaling)  # (R, H, 1, hd)
             x += linear(a.view(R, D), c_proj)
             q = linear(ln_cross(x), q_attn).view(B, R // B, H, hd).transpose(1, 2)  # (B, H, R/B, hd): an image's beams
-            p = torch.bmm(q.reshape(B * H, R // B, hd), ckt).softmax(-1)  # (B*H, R/B, N), as eager
+            scores = torch.bmm(q.reshape(B * H, R // B, hd), ckt)  # (B*H, R/B, N)
+            p = (scores if cross_scaling is None else scores * cross_scaling).softmax(-1)  # as eager
             probs.append(p)
             a = torch.bmm(p, cv).view(B, H, R // B, hd).transpose(1, 2)  # (B, R/B, H, hd)
             x += linear(a.reshape(R, D), cross_proj)  # (R, D)

@@ -10,7 +10,7 @@ and keeps the fastest for the process:
 - "linear": `F.linear` on the weight laid out (out, in);
 - "packed": the BLAS's own prepacked layout (MKL's `cblas_sgemm_pack`, through `torch.ops.mkl`), made once per
   weight: a GEMM library packs the weight on every call otherwise, which costs a few-row product most of its
-  bandwidth. Packed copies are kept only for the shapes where "packed" won;
+  bandwidth;
 - "bmm": `bmm_split`, one block of output rows per thread;
 - "onednn": oneDNN's own prepacked layout (`torch.ops.mkldnn`), made once per weight and row count, multiplied
   by oneDNN's kernels, which it generates for the instructions of the CPU it runs on (on an AMD EPYC, MKL's fp32
@@ -18,10 +18,11 @@ and keeps the fastest for the process:
 
 The packed kernels have no backward, so `Kernels.linear` calls the layer itself while gradients are recorded.
 
-GPT-2's `Conv1D` weights are laid out (out, in) in memory once (`conv1d_out_in`: same shape, values and
+Packed copies ("packed", "onednn") are kept only for the shapes and row counts where that kernel won. GPT-2's
+`Conv1D` weights are laid out (out, in) in memory once (`conv1d_out_in`: same shape, values and
 state_dict, no extra memory). Each (layer, rows) gets a plan, a closure over its weight, bias and kernel, so a
-product costs one dictionary lookup on top of the kernel; a plan is rebuilt if the layer's weight is replaced or
-changed in place.
+product costs one dictionary lookup on top of the kernel; a plan is rebuilt if the layer's weight is replaced,
+changed in place or given other memory (`param.data = ...`).
 
     kernels.kernels_for(model).linear(x, layer)          # layer(x) by the kernel timed fastest for its shape
     kernels.kernels_for(model).product("packed", x, w)   # one product by a named kernel, (M, K) -> (M, N)
@@ -30,6 +31,7 @@ changed in place.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 import weakref
@@ -50,7 +52,14 @@ def available(device: torch.device | str = "cpu") -> tuple[str, ...]:
     "onednn" with oneDNN; "linear" elsewhere."""
     if torch.device(device).type != "cpu":
         return ("linear",)
-    return _CPU_KERNELS
+    runs = _cpu_kernels()
+    return runs if torch.backends.mkldnn.enabled else tuple(k for k in runs if k != "onednn")
+
+
+@functools.cache
+def _cpu_kernels() -> tuple[str, ...]:
+    """The CPU kernels of this torch build that compute a small product right, tried once per process."""
+    return ("linear", *(k for k in KERNELS[1:] if _runs(k)))
 
 
 def _runs(kernel: str) -> bool:
@@ -60,11 +69,12 @@ def _runs(kernel: str) -> bool:
     if kernel == "onednn" and not (torch.backends.mkldnn.is_available() and
                                    hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return False
-    x, w = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(4, 3)
+    x = torch.arange(6, dtype=torch.float32, device="cpu").view(2, 3)  # whatever the default dtype and device
+    w = torch.arange(12, dtype=torch.float32, device="cpu").view(4, 3)
     try:
         with torch.no_grad():
             return torch.equal(_product(kernel, x, w, threads=2), x @ w.t())
-    except RuntimeError:  # an op the build declares but cannot run (no kernel for this CPU)
+    except Exception:  # an op the build declares but cannot run (no kernel for this CPU, another signature)
         return False
 
 
@@ -72,9 +82,9 @@ def _checked(kernel: str | None) -> str | None:
     if kernel not in (None, *KERNELS):
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}.")
     if kernel is not None and kernel not in available():
-        library = "MKL" if kernel == "packed" else "oneDNN"
-        raise ValueError(f"kernel {kernel!r} needs {library}, which this torch build lacks or cannot run on this "
-                         f"CPU; it has {', '.join(available())}.")
+        needs = {"packed": "MKL", "onednn": "oneDNN (and torch.backends.mkldnn.enabled)"}.get(kernel, "a CPU")
+        raise ValueError(f"kernel {kernel!r} needs {needs}, which this torch build lacks or cannot run here; it "
+                         f"has {', '.join(available())}.")
     return kernel
 
 
@@ -167,15 +177,17 @@ def rows_class(rows: int) -> int:
 class _Plan:
     """How one layer multiplies a given number of rows: a closure over its weight, valid while the weight is (a
     layer without a float weight, called as it is, always)."""
-    __slots__ = ("layer", "param", "version", "run")
+    __slots__ = ("layer", "param", "version", "address", "run")
 
     def __init__(self, layer: nn.Module, run, float_weight: bool = True):
         self.layer, self.run = layer, run
         self.param = layer.weight if float_weight else None
         self.version = layer.weight._version if float_weight else 0
+        self.address = layer.weight.data_ptr() if float_weight else 0
 
-    def valid(self) -> bool:
-        return self.param is None or self.layer.weight is self.param and self.param._version == self.version
+    def valid(self) -> bool:  # the same weight, unchanged in place, in the same memory (`param.data = ...` moves it)
+        return self.param is None or self.layer.weight is self.param and self.param._version == self.version \
+            and self.param.data_ptr() == self.address
 
 
 class Kernels:
@@ -201,8 +213,8 @@ class Kernels:
 
     def linear(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         """layer(x) for rows x (M, K) -> (M, N), by the kernel chosen for this shape and M; by the layer itself while
-        gradients are recorded (the packed products have no backward, and products into a given output record
-        none)."""
+        gradients are recorded (the packed kernels have no backward, and the bmm split writes into an output,
+        which autograd refuses)."""
         if torch.is_grad_enabled():
             return layer(x)
         key = (layer, x.shape[0], torch.get_num_threads(), _forced)
@@ -238,11 +250,13 @@ class Kernels:
         key = (w.untyped_storage().data_ptr(), rows_class(rows), kernel)
         kept = self.packs.get(key)
         if kept is None or kept[0].shape != w.shape or kept[1] != w._version:
-            kept = self.packs[key] = (w, w._version, _packer(kernel)(w, rows))
+            kept = self.packs[key] = (w.detach(), w._version, _packer(kernel)(w, rows))  # holds w's memory itself
         return kept[2]
 
     def product(self, kernel: str, x: torch.Tensor, w: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-        """x (M, K) @ w (N, K)^T -> (M, N) by `kernel`, "packed" and "onednn" from the kept packed copy of w."""
+        """x (M, K) @ w (N, K)^T -> (M, N) by `kernel`, "packed" and "onednn" from the kept packed copy of w. No
+        backward: refused while gradients are recorded."""
+        _no_grad(x, w)
         if _checked(kernel) == "packed":
             return packed_linear(x, self.pack(w, x.shape[0]), w, None)
         if kernel == "onednn":
@@ -266,7 +280,7 @@ class Kernels:
         Each timed pass multiplies every weight of the model, in the model's order, by one candidate, as a
         decoding step does, so that each weight comes from wherever a step finds it (from memory, or from a
         cache as large as the model), and each product is timed on its own; best of 3 passes per candidate,
-        alternating. Packed copies are kept only for the shapes where "packed" won."""
+        alternating. Packed copies are kept only for the shapes where a packed kernel won."""
         threads, candidates = torch.get_num_threads(), available()
         if rows > FEW:  # the bmm split is for a few rows: one block per thread leaves no room for more
             candidates = tuple(name for name in candidates if name != "bmm")
@@ -307,8 +321,16 @@ class Kernels:
 
 def product(kernel: str, x: torch.Tensor, w: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """x (M, K) @ w (N, K)^T -> (M, N) by `kernel` ("packed" and "onednn" pack w on the spot: `Kernels.product`
-    keeps the packed copy); threads: the bmm split's blocks (default: torch's threads)."""
+    keeps the packed copy); threads: the bmm split's blocks (default: torch's threads). No backward: refused while
+    gradients are recorded."""
+    _no_grad(x, w)
     return _product(_checked(kernel), x, w, threads)
+
+
+def _no_grad(x: torch.Tensor, w: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        raise RuntimeError("the kernels' products have no backward: call them under torch.no_grad(), or call the "
+                           "layer itself")
 
 
 def _product(kernel: str, x: torch.Tensor, w: torch.Tensor, threads: int | None = None) -> torch.Tensor:
@@ -356,7 +378,3 @@ def kernels_for(model: nn.Module) -> Kernels:
         _KERNELS[model] = Kernels(model.decoder if hasattr(model, "decoder") else model,
                                   skip=lambda name: name.endswith("crossattention.c_attn"))
     return _KERNELS[model]
-
-
-# measured once at import, with `product` defined: "linear" always runs
-_CPU_KERNELS = ("linear", *(k for k in KERNELS[1:] if _runs(k)))

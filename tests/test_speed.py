@@ -201,21 +201,28 @@ def test_every_kernel_computes_the_layer(random_tiny, threads, rows):
                 # while gradients are recorded, the layer itself: the packed kernels have no backward
                 grad, = torch.autograd.grad(timed.linear(x, layer).sum(), x)
                 assert torch.allclose(grad, kernels.weight(layer).sum(0).expand_as(x), atol=atol(random_tiny)), kernel
+                with pytest.raises(RuntimeError, match="no backward"):  # a named kernel's product refuses instead
+                    timed.product(kernel, x, kernels.weight(layer))
     finally:
         torch.set_num_threads(saved)
 
 
-def test_each_decoding_step_gives_the_models_own_logits(tiny, kernel):
+@pytest.mark.parametrize("fixture", ["tiny", "bundled"])
+def test_each_decoding_step_gives_the_models_own_logits(request, fixture, kernel):
     """The loop's step (its own layer norms, attention, GELU and products) against the model's forward over the same
-    tokens: every position's logits, on the trained tiny model."""
-    pixels = _pixels(tiny, [image_for(2)])
+    tokens: every position's logits, on the trained tiny model (16-wide heads: a scaling of 1/4, applied to the keys
+    once) and on the bundled model (32-wide heads: 1/sqrt(32), applied to the scores)."""
+    cap = request.getfixturevalue(fixture)
+    assert [b.crossattention.scaling for b in cap.model.decoder.transformer.h][0] == \
+        {"tiny": 0.25, "bundled": 32 ** -0.5}[fixture]
+    pixels = _pixels(cap, [image_for(2)])
     with torch.inference_mode():
-        hidden = tiny.model.encoder(pixel_values=pixels).last_hidden_state  # (1, N, D)
-        ids = torch.tensor([[tiny.start_token_id, 5, 9, 7, 3]], device=tiny.device)
-        want = tiny.model(encoder_outputs=(hidden,), decoder_input_ids=ids).logits[0].float()  # (T, V)
-        steps = fastdecode._GPT2Steps(tiny.model, fastdecode.cross_keys_values(tiny.model, hidden), 1, ids.shape[1])
+        hidden = cap.model.encoder(pixel_values=pixels).last_hidden_state  # (1, N, D)
+        ids = torch.tensor([[cap.start_token_id, 5, 9, 7, 3]], device=cap.device)
+        want = cap.model(encoder_outputs=(hidden,), decoder_input_ids=ids).logits[0].float()  # (T, V)
+        steps = fastdecode._GPT2Steps(cap.model, fastdecode.cross_keys_values(cap.model, hidden), 1, ids.shape[1])
         got = torch.cat([steps.step(ids[:, t]) for t in range(ids.shape[1])])  # (T, V)
-    assert torch.allclose(got, want, atol=atol(tiny, 1e-5), rtol=0), (got - want).abs().max()
+    assert torch.allclose(got, want, atol=atol(cap, 1e-5), rtol=0), (got - want).abs().max()
 
 
 @pytest.mark.parametrize("V", [5, 300, 50257])
@@ -260,19 +267,25 @@ def test_the_routed_encoder_computes_what_the_stock_encoder_does(tiny, tiny_dir,
 
 
 def test_a_plan_follows_its_layers_weight_when_it_changes(random_tiny):
-    """A product's plan (weight, bias, packed copy) is rebuilt when its layer's weight is changed in place or
-    replaced, so a model whose weights are edited after decoding never decodes with the old ones."""
+    """A product's plan (weight, bias, packed copy) is rebuilt when its layer's weight is changed in place, replaced
+    or given other memory (`param.data = ...`), so a model whose weights are edited after decoding never decodes
+    with the old ones."""
     decoder = copy.deepcopy(random_tiny.model.decoder)
-    layer = decoder.transformer.h[0].mlp.c_fc  # a re-laid Conv1D
-    for kernel in kernels.available():
-        timed = kernels.Kernels(decoder, force=kernel)
-        x = torch.randn(4, kernels.weight(layer).shape[1], device=random_tiny.device, dtype=random_tiny.model.dtype)
-        timed.linear(x, layer)  # the plan is made
-        with torch.no_grad():
-            layer.weight.mul_(2)  # in place
-        assert torch.allclose(timed.linear(x, layer), layer(x), atol=atol(random_tiny)), kernel
-        layer.weight = torch.nn.Parameter(layer.weight.detach().t().contiguous().t() * 0.5)  # replaced
-        assert torch.allclose(timed.linear(x, layer), layer(x), atol=atol(random_tiny)), kernel
+    for layer in (decoder.transformer.h[0].mlp.c_fc, decoder.lm_head):  # a re-laid Conv1D, an nn.Linear
+        for kernel in kernels.available():
+            timed = kernels.Kernels(decoder, force=kernel)
+            x = torch.randn(4, kernels.weight(layer).shape[1], device=random_tiny.device,
+                            dtype=random_tiny.model.dtype)
+            with torch.no_grad():  # as decoding runs them: through the plans
+                timed.linear(x, layer)  # the plan is made
+                layer.weight.mul_(2)  # in place
+                assert torch.allclose(timed.linear(x, layer), layer(x), atol=atol(random_tiny)), kernel
+                w = layer.weight.detach()
+                layer.weight = torch.nn.Parameter((w.t().contiguous().t() if w.stride(0) == 1 else w.clone()) * 0.5)
+                assert torch.allclose(timed.linear(x, layer), layer(x), atol=atol(random_tiny)), kernel
+                other = layer.weight.detach().clone() * 3  # the same layout, in other memory
+                layer.weight.data = other
+                assert torch.allclose(timed.linear(x, layer), layer(x), atol=atol(random_tiny)), kernel
 
 
 def test_kernels_are_chosen_by_timing_and_decode_the_same(random_eos):
@@ -433,8 +446,22 @@ def test_a_kernel_is_available_only_where_it_computes_a_product_right(monkeypatc
     for name in ("onednn", "packed"):
         has = {"onednn": torch.backends.mkldnn.is_available(), "packed": torch.backends.mkl.is_available()}[name]
         assert (name in kernels.available()) == has == kernels._runs(name)
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the trial product is fp32 whatever the process's default
+    try:
+        assert all(kernels._runs(name) for name in kernels.available())
+    finally:
+        torch.set_default_dtype(saved)
+    if "onednn" in kernels.available():
+        torch.backends.mkldnn.enabled = False  # a process that turned oneDNN off never gets it
+        try:
+            assert "onednn" not in kernels.available()
+            with pytest.raises(ValueError, match="oneDNN"):
+                kernels.Kernels(torch.nn.Linear(2, 2), force="onednn")
+        finally:
+            torch.backends.mkldnn.enabled = True
     def broken(*args):
-        raise RuntimeError("no kernel for this CPU")
+        raise TypeError("another signature")
     monkeypatch.setattr(kernels, "onednn_linear", broken)
     assert not kernels._runs("onednn")
     monkeypatch.setattr(kernels, "bmm_split", lambda x, w, threads, bias=None: torch.zeros(x.shape[0], w.shape[0]))
