@@ -13,8 +13,8 @@ and keeps the fastest for the process:
   bandwidth;
 - "bmm": `bmm_split`, one block of output rows per thread;
 - "onednn": oneDNN's own prepacked layout (`torch.ops.mkldnn`), made once per weight and row count, multiplied
-  by oneDNN's kernels, which it generates for the instructions of the CPU it runs on (on an AMD EPYC, MKL's fp32
-  GEMM ran 2 to 4x slower than oneDNN's, for a few rows and for an encoder's patches alike).
+  by oneDNN's kernels, which it generates for the instructions of the CPU it runs on (MKL takes a generic path on
+  some CPUs, AMD's among them: the bench prints every candidate's speed).
 
 The packed kernels have no backward, so `Kernels.linear` calls the layer itself while gradients are recorded.
 
@@ -168,6 +168,12 @@ def _packer(kernel: str):
     return pack if kernel == "packed" else onednn_pack
 
 
+def packed_product(kernel: str, x: torch.Tensor, packed: torch.Tensor, w: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, w, bias) for x (M, K) by a packed kernel ("packed" or "onednn") from its packed copy of w."""
+    return packed_linear(x, packed, w, bias) if kernel == "packed" else onednn_linear(x, packed, bias)
+
+
 def rows_class(rows: int) -> int:
     """The row count a choice and a packed copy stand for: itself up to `FEW`; above, one class for all (an
     encoder's patches, batches of them: every such product is bound by arithmetic, not by reading the weight)."""
@@ -232,7 +238,7 @@ class Kernels:
         kernel, bias = _forced or self.force or self.choose(w, rows), layer.bias
         if w.device.type != "cpu":
             kernel = "linear"
-        if kernel == "packed":
+        if kernel == "packed":  # MKL's product takes the weight beside its packed copy
             p = self.pack(w, rows)
             return _Plan(layer, lambda x: packed_linear(x, p, w, bias))
         if kernel == "onednn":
@@ -257,11 +263,9 @@ class Kernels:
         """x (M, K) @ w (N, K)^T -> (M, N) by `kernel`, "packed" and "onednn" from the kept packed copy of w. No
         backward: refused while gradients are recorded."""
         _no_grad(x, w)
-        if _checked(kernel) == "packed":
-            return packed_linear(x, self.pack(w, x.shape[0]), w, None)
-        if kernel == "onednn":
-            return onednn_linear(x, self.pack(w, x.shape[0], "onednn"), None)
-        return product(kernel, x, w, threads)
+        if _checked(kernel) in PACKED:
+            return packed_product(kernel, x, self.pack(w, x.shape[0], kernel), w, None)
+        return _product(kernel, x, w, threads)
 
     def choose(self, w: torch.Tensor, rows: int) -> str:
         """The kernel timed fastest for weight w (N, K) times `rows` rows on this machine (timed on first use)."""
@@ -336,10 +340,8 @@ def _no_grad(x: torch.Tensor, w: torch.Tensor) -> None:
 def _product(kernel: str, x: torch.Tensor, w: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     if kernel == "linear":
         return F.linear(x, w)
-    if kernel == "packed":
-        return packed_linear(x, pack(w, x.shape[0]), w, None)
-    if kernel == "onednn":
-        return onednn_linear(x, onednn_pack(w, x.shape[0]), None)
+    if kernel in PACKED:
+        return packed_product(kernel, x, _packer(kernel)(w, x.shape[0]), w, None)
     return bmm_split(x, w, threads or torch.get_num_threads())
 
 
